@@ -1,0 +1,407 @@
+"""Image input for captioning: gather images, open them robustly.
+
+``collect(images)`` turns whatever the user passed (a file, a folder, a list, PIL
+images, a ``datasets.Dataset``) into a deterministic list of :class:`ImageItem`.
+It never opens files: a missing or broken file is still an item, and its problem
+is reported when that item is opened, so one bad file costs one row, not the run.
+
+``open_image(item)`` returns an RGB ``PIL.Image.Image`` or raises
+:class:`ImageError` whose ``kind`` is one of :data:`ERROR_KINDS`. Unusual but
+valid images (grayscale, 1-bit, CMYK, 16-bit, float, palette, alpha, animated,
+EXIF-rotated, a PNG named .jpg, ...) are converted, not rejected. Pillow's
+global settings (``MAX_IMAGE_PIXELS``, ``LOAD_TRUNCATED_IMAGES``, warning
+filters) are never changed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .png .gif .bmp .tif .tiff .webp .ppm .pgm".split()
+)
+#: Pillow's own default limit (``PIL.Image.MAX_IMAGE_PIXELS``).
+DEFAULT_MAX_PIXELS = 89_478_485
+
+#: Every ``ImageError.kind``, with what it means.
+ERROR_KINDS = {
+    "not_found": "the path does not exist",
+    "broken_symlink": "the path is a symbolic link whose target does not exist",
+    "is_a_directory": "the path is a folder, not a file",
+    "not_a_file": "the path is a FIFO, socket or device, not a regular file",
+    "unreadable": "the file exists but cannot be read (permissions, I/O error)",
+    "empty": "the file has 0 bytes",
+    "not_an_image": "the content is not an image format (text, HTML, ...)",
+    "unsupported": "an image format or pixel mode this Pillow cannot decode",
+    "truncated": "the image data ends before the image is complete",
+    "corrupt": "the header is recognised but the data inside is damaged",
+    "too_large": "width x height exceeds max_pixels (decompression-bomb guard)",
+}
+
+
+class ImageError(Exception):
+    """An image that cannot be used. ``kind`` is a key of :data:`ERROR_KINDS`;
+    ``message`` names the item and says what was wrong and what to do."""
+
+    def __init__(self, key: str, kind: str, message: str):
+        super().__init__(key, kind, message)  # args kept whole so it pickles
+        self.key, self.kind, self.message = key, kind, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class DatasetRow:
+    """Lazy reference to ``dataset[index][column]``; decoded only when opened."""
+
+    dataset: Any = field(repr=False)
+    column: str | None
+    index: int
+
+    def get(self) -> Any:
+        row = self.dataset[self.index]
+        return row if self.column is None else row[self.column]
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One input image. ``key`` is stable and unique within a ``collect()``
+    result: the path for files (``"<path>#2"`` etc. for repeats of a path),
+    ``"pil:<i>"`` / ``"dataset:<i>"`` for in-memory images. Items compare by
+    ``key`` only. ``source`` is a ``Path``, a PIL image or a :class:`DatasetRow`."""
+
+    key: str
+    source: Any = field(compare=False)
+
+
+# ----------------------------------------------------------------- collect
+
+
+def collect(images: Any, column: str | None = None) -> list[ImageItem]:
+    """Turn ``images`` into a deterministic list of :class:`ImageItem`.
+
+    Accepts a path (``str`` / ``Path``) to a file or a folder (searched
+    recursively for :data:`IMAGE_EXTENSIONS`, case-insensitive, hidden files
+    and folders skipped, sorted), a ``PIL.Image.Image``, a list/tuple mixing
+    those, or a ``datasets.Dataset`` (with ``column=``; defaults to ``"image"``
+    or the only column) or one of its columns. Missing files become items too;
+    their error is raised by :func:`open_image`.
+    """
+    if _is_dataset(images):
+        return _collect_dataset(images, column)
+    if column is not None:
+        raise TypeError("column= is only meaningful with a datasets.Dataset; "
+                        f"got {_type_name(images)}")
+    if _is_dataset_column(images):
+        return [ImageItem(f"dataset:{i}", DatasetRow(images, None, i))
+                for i in range(len(images))]
+    entries = images if isinstance(images, (list, tuple)) else [images]
+    items: list[ImageItem] = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, Image.Image):
+            items.append(ImageItem(f"pil:{i}", entry))
+        elif isinstance(entry, (str, os.PathLike)):
+            items.extend(ImageItem(str(p), p) for p in _expand_path(Path(entry)))
+        else:
+            raise TypeError(_ACCEPTED + f"; got {_type_name(entry)}"
+                            + (f" at position {i}" if entries is images else ""))
+    return _dedupe_keys(items)
+
+
+_ACCEPTED = ("collect() accepts a file or folder path (str or pathlib.Path), "
+             "a PIL.Image.Image, a list/tuple of those, or a datasets.Dataset "
+             "(with column=) or a Dataset column")
+
+
+def _type_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}".removeprefix("builtins.")
+
+
+def _expand_path(path: Path) -> list[Path]:
+    """A folder becomes its images; anything else (even missing) stays itself."""
+    if not path.is_dir():
+        return [path]
+    found, others = [], []
+    for root, dirs, files in os.walk(path):  # does not follow folder symlinks
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if name.startswith("."):
+                continue
+            full = Path(root, name)
+            (found if full.suffix.lower() in IMAGE_EXTENSIONS else others).append(full)
+    if not found:
+        seen = f"; it holds {len(others)} other file(s), e.g. {others[0].name!r}" if others else ""
+        raise ValueError(
+            f"No images found in folder {str(path)!r} (searched recursively for "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}; hidden files are skipped){seen}. "
+            "Check the path, or pass the files explicitly.")
+    return sorted(found, key=lambda p: p.relative_to(path).parts)
+
+
+def _dedupe_keys(items: list[ImageItem]) -> list[ImageItem]:
+    counts: dict[str, int] = {}
+    out = []
+    for item in items:
+        n = counts[item.key] = counts.get(item.key, 0) + 1
+        out.append(item if n == 1 else ImageItem(f"{item.key}#{n}", item.source))
+    return out
+
+
+def _is_dataset(obj: Any) -> bool:
+    return (hasattr(obj, "column_names") and hasattr(obj, "__getitem__")
+            and hasattr(obj, "__len__") and not isinstance(obj, (str, bytes)))
+
+
+def _is_dataset_column(obj: Any) -> bool:
+    """``datasets`` >= 4 returns a lazy ``Column`` for ``ds["image"]``."""
+    return (hasattr(obj, "column_name") and hasattr(obj, "__getitem__")
+            and hasattr(obj, "__len__"))
+
+
+def _collect_dataset(ds: Any, column: str | None) -> list[ImageItem]:
+    names = list(ds.column_names)
+    if column is None:
+        if "image" in names:
+            column = "image"
+        elif len(names) == 1:
+            column = names[0]
+        else:
+            raise ValueError(f"This dataset has columns {names}; say which holds "
+                             "the images, e.g. collect(ds, column='img').")
+    if column not in names:
+        raise ValueError(f"Column {column!r} is not in the dataset; its columns are {names}.")
+    if hasattr(ds, "select_columns"):  # decode only the image column per row
+        ds = ds.select_columns([column])
+    return [ImageItem(f"dataset:{i}", DatasetRow(ds, column, i)) for i in range(len(ds))]
+
+
+# -------------------------------------------------------------- open_image
+
+
+def open_image(item: ImageItem, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Return ``item`` as an RGB image, or raise :class:`ImageError`.
+
+    ``max_pixels`` bounds width x height, checked from the header before any
+    pixel is decoded. Pillow's own bomb check still applies: raising
+    ``max_pixels`` above twice ``PIL.Image.MAX_IMAGE_PIXELS`` needs that raised too.
+    """
+    source = item.source
+    if isinstance(source, DatasetRow):
+        try:
+            source = source.get()
+        except Exception as e:  # the dataset decodes images itself
+            raise ImageError(item.key, "corrupt", f"{item.key}: the dataset could not "
+                             f"decode this row ({type(e).__name__}: {e}).") from e
+    if isinstance(source, dict):  # datasets Image(decode=False): {"bytes", "path"}
+        source = source.get("bytes") or source.get("path")
+    if isinstance(source, (bytes, bytearray)):
+        return _decode(item.key, io.BytesIO(source), max_pixels)
+    if isinstance(source, Image.Image):
+        return _decode(item.key, source, max_pixels)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        _check_path(item.key, path)
+        try:
+            with open(path, "rb") as f:
+                return _decode(item.key, f, max_pixels)
+        except OSError as e:  # from open(); _decode() raises only ImageError
+            raise _os_error(item.key, e) from e
+    raise ImageError(item.key, "unsupported", f"{item.key}: cannot open a "
+                     f"{_type_name(source)}; expected a path, bytes or PIL image.")
+
+
+def _check_path(key: str, path: Path) -> None:
+    """Diagnose problems visible from the file system, before reading."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        if path.is_symlink():
+            raise ImageError(key, "broken_symlink", f"{key}: is a symbolic link to "
+                             f"{os.readlink(path)!r}, which does not exist. Fix or "
+                             "remove the link.") from e
+        raise _os_error(key, e) from e
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(key, "is_a_directory", f"{key}: is a folder, not an image "
+                         "file. Pass the folder to collect() to caption the images in it.")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(key, "not_a_file", f"{key}: is not a regular file (a FIFO, "
+                         "socket or device); reading it could block. Pass image files only.")
+    if st.st_size == 0:
+        raise ImageError(key, "empty", f"{key}: the file is empty (0 bytes), probably "
+                         "an interrupted download or copy. Fetch or export it again.")
+
+
+def _os_error(key: str, e: OSError) -> ImageError:
+    if isinstance(e, FileNotFoundError):
+        return ImageError(key, "not_found", f"{key}: no such file. Check the path "
+                          "(relative paths are resolved from the current folder, "
+                          f"{os.getcwd()!r}).")
+    if isinstance(e, IsADirectoryError):
+        return ImageError(key, "is_a_directory", f"{key}: is a folder, not an image file.")
+    if isinstance(e, PermissionError):
+        return ImageError(key, "unreadable", f"{key}: permission denied. Make the "
+                          "file readable for this user (e.g. chmod a+r).")
+    return ImageError(key, "unreadable", f"{key}: cannot be read ({e.strerror or e}). "
+                      "Check the disk or network share it lives on.")
+
+
+def _decode(key: str, src: Any, max_pixels: int) -> Image.Image:
+    """Open (header only), check the size, force a full decode, convert."""
+    try:
+        im = src if isinstance(src, Image.Image) else Image.open(src)
+        _check_size(key, im, max_pixels)
+        im.load()  # Pillow is lazy: truncation and corrupt data show up here
+        im = _exif_transpose(im)
+        return to_rgb(im)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # The warning arrives as an exception only under a warnings "error" filter.
+        raise ImageError(key, "too_large", f"{key}: {e} Pillow refuses it; if the image "
+                         "is trusted, raise PIL.Image.MAX_IMAGE_PIXELS and max_pixels.") from e
+    except Exception as e:  # Pillow plugins raise many types; none may crash a run
+        raise _classify(key, src, e) from e
+
+
+def _check_size(key: str, im: Image.Image, max_pixels: int) -> None:
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ImageError(key, "too_large", f"{key}: {w}x{h} = {w * h:,} pixels exceeds "
+                         f"max_pixels={max_pixels:,} (decompression-bomb guard). "
+                         "Downscale the image, or pass a larger max_pixels if you trust it.")
+    if w == 0 or h == 0:
+        raise ImageError(key, "corrupt", f"{key}: the header says the image is {w}x{h}. "
+                         "Re-export the image.")
+
+
+def _exif_transpose(im: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # a damaged EXIF block must not cost the image
+        return im
+
+
+# Formats Pillow cannot identify: (signature test, what it is, what to do).
+_FOREIGN = [
+    (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"hevc"),
+     "a HEIC/HEIF photo", "install pillow-heif and call "
+     "pillow_heif.register_heif_opener(), or convert it to JPEG/PNG"),
+    (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"avif", b"avis"),
+     "an AVIF image", "use a Pillow built with AVIF support, or convert it to JPEG/PNG"),
+    (lambda h: h.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")),
+     "a JPEG XL image", "convert it to JPEG/PNG"),
+    (lambda h: b"<svg" in h[:512].lower(),
+     "an SVG vector drawing", "rasterise it first (e.g. with cairosvg or a browser)"),
+    (lambda h: h.startswith(b"%PDF"), "a PDF document", "render its pages to PNG first"),
+]
+# Formats Pillow reads: (name, signature test, "does the file end early?"), the
+# last from an end marker or a declared length where the format has one.
+_KNOWN = [
+    ("PNG", lambda h: h.startswith(b"\x89PNG\r\n\x1a\n"), lambda h, t, n: b"IEND" not in t),
+    ("JPEG", lambda h: h.startswith(b"\xff\xd8\xff"), lambda h, t, n: b"\xff\xd9" not in t),
+    ("GIF", lambda h: h.startswith(b"GIF8"), lambda h, t, n: not t.endswith(b";")),
+    ("WebP", lambda h: h[:4] == b"RIFF" and h[8:12] == b"WEBP",
+     lambda h, t, n: int.from_bytes(h[4:8], "little") + 8 > n),
+    ("BMP", lambda h: h.startswith(b"BM"), lambda h, t, n: False),
+    ("TIFF", lambda h: h.startswith((b"II*\x00", b"MM\x00*")), lambda h, t, n: False),
+    ("PNM", lambda h: re.match(rb"P[1-7]\s", h) is not None, lambda h, t, n: False),
+]
+
+
+def _classify(key: str, src: Any, e: Exception) -> ImageError:
+    """Name what went wrong when Pillow failed, from the error and the bytes."""
+    head, tail, size = _peek(src)
+    text = str(e).lower()
+    unidentified = isinstance(e, UnidentifiedImageError)
+    why = "" if unidentified else f" ({type(e).__name__}: {e})"
+    for test, what, advice in _FOREIGN if unidentified else []:
+        if test(head):
+            return ImageError(key, "unsupported", f"{key}: is {what}, which this Pillow "
+                              f"cannot decode; {advice}.")
+    if "not available" in text or "unsupported" in text or "not supported" in text:
+        return ImageError(key, "unsupported", f"{key}: uses a format or feature this "
+                          f"Pillow cannot decode{why}. Convert it to PNG or JPEG.")
+    fmt, ends_early = next(((n, end) for n, is_it, end in _KNOWN if is_it(head)),
+                           (None, None))
+    looks = f"looks like a {fmt} file, but " if fmt else ""
+    if "truncated" in text or isinstance(e, EOFError) or (
+            ends_early and ends_early(head, tail, size)):
+        after = f", after {size:,} bytes" if size else ""
+        return ImageError(key, "truncated", f"{key}: {looks}the image data ends early"
+                          f"{after}{why}. The file was cut off (e.g. an "
+                          "interrupted download or copy); fetch or export it again.")
+    if unidentified and not fmt:
+        return ImageError(key, "not_an_image", f"{key}: is not an image; it is "
+                          f"{_describe_bytes(head)}. Check that the right file was saved.")
+    damaged = "its header cannot be parsed" if unidentified else "the image data is damaged"
+    return ImageError(key, "corrupt", f"{key}: {looks}{damaged}{why}. Re-export or "
+                      "fetch it again; an image editor may be able to recover it.")
+
+
+def _peek(src: Any) -> tuple[bytes, bytes, int]:
+    """First and last 1 KiB and the size of a file object; empty for PIL images."""
+    if not hasattr(src, "seek"):
+        return b"", b"", 0
+    try:
+        size = src.seek(0, os.SEEK_END)
+        src.seek(0)
+        head = src.read(1024)
+        src.seek(max(0, size - 1024))
+        return head, src.read(1024), size
+    except Exception:
+        return b"", b"", 0
+
+
+def _describe_bytes(head: bytes) -> str:
+    start = head[:200].lstrip().lower()
+    if start.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page (often an error page saved instead of the image)"
+    try:
+        head.decode("utf-8")
+        return f"text starting {head[:40].decode('utf-8')!r}"
+    except UnicodeDecodeError:
+        return f"binary data of an unknown format starting {head[:8]!r}"
+
+
+# ------------------------------------------------------------- conversion
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited on white."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        im = Image.fromarray(_to_uint8(np.asarray(im)))
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    """Scale 16-bit, 32-bit and float samples to 0..255.
+
+    Floats in 0..1 are scaled by 255; values already in 0..255 are kept; values
+    in 0..65535 are treated as 16-bit; anything else is stretched min..max.
+    """
+    is_float = np.issubdtype(a.dtype, np.floating)
+    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(a.min()), float(a.max())
+    if is_float and lo >= 0 and hi <= 1:
+        a = a * 255.0
+    elif lo >= 0 and hi <= 255:
+        pass
+    elif lo >= 0 and hi <= 65535:
+        a = a / 257.0
+    else:
+        a = (a - lo) / ((hi - lo) or 1.0) * 255.0
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
