@@ -237,8 +237,8 @@ def test_pil_images_in_memory():
 
 def test_lazy_pil_image_that_is_truncated(broken_zoo):
     folder, _ = broken_zoo
-    lazy = Image.open(folder / "truncated.png")  # header only, not decoded yet
-    e = _error(collect(lazy)[0])
+    with Image.open(folder / "truncated.png") as lazy:  # header only, not decoded yet
+        e = _error(collect(lazy)[0])
     assert e.kind == "truncated" and e.key == "pil:0"
 
 
