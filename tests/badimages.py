@@ -160,6 +160,8 @@ def make_broken_zoo(folder: str | os.PathLike, *, fifo: bool = False) -> dict[st
         "corrupt_data.png": (_png_with_junk_idat(), "corrupt"),
         "corrupt_header.png": (_png_with_bad_ihdr_crc(), "corrupt"),
         "photo_heic.jpg": (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64, "unsupported"),
+        "figure_eps.png": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"
+                           b"newpath 0 0 moveto 8 8 lineto stroke\nshowpage\n", "unsupported"),
         "drawing_svg.png": (b'<svg xmlns="http://www.w3.org/2000/svg" width="8" '
                             b'height="8"><rect width="8" height="8"/></svg>', "unsupported"),
     }

@@ -396,6 +396,57 @@ def test_collect_dataset_bad_column(fake_ds):
     assert len(collect(two, column="img")) == 1
 
 
+@dataclasses.dataclass
+class Image_:  # stands in for datasets.Image, a dataclass with a decode flag
+    decode: bool = True
+
+
+Image_.__name__ = "Image"
+
+
+class DecodingDataset(FakeDataset):
+    """A dataset whose image column decodes to PIL unless cast to decode=False."""
+
+    def __init__(self, raw_rows):
+        super().__init__(raw_rows)
+        self.features = {"image": Image_(decode=True), "text": object()}
+
+    def cast_column(self, column, feature):
+        out = DecodingDataset(self._rows)
+        out.features = {**self.features, column: feature}
+        return out
+
+    def __getitem__(self, i):
+        row = super().__getitem__(i)
+        if self.features["image"].decode:
+            return {**row, "image": Image.open(io.BytesIO(row["image"]["bytes"]))}
+        return row
+
+
+def test_dataset_image_column_is_read_undecoded(broken_zoo, valid_zoo):
+    raw = [{"image": {"bytes": (valid_zoo[0] / "gray.png").read_bytes(), "path": None},
+            "text": "ok"},
+           {"image": {"bytes": (broken_zoo[0] / "bomb.png").read_bytes(), "path": None},
+            "text": "bomb"}]
+    items = collect(DecodingDataset(raw))
+    assert items[0].source.dataset.features["image"].decode is False
+    assert open_image(items[0]).size == (32, 24)
+    assert _error(items[1], max_pixels=1000).kind == "too_large"
+
+
+def test_dataset_rows_without_image_data():
+    items = collect(FakeDataset([{"image": None}, {"image": b""}]))
+    assert [_error(it).kind for it in items] == ["empty", "empty"]
+
+
+def test_dataset_dict_asks_for_a_split():
+    class FakeDatasetDict(dict):
+        column_names = {"train": ["image"], "test": ["image"]}
+
+    with pytest.raises(TypeError, match="pass one split"):
+        collect(FakeDatasetDict(train=[], test=[]))
+
+
 def test_dataset_decode_failure_is_an_image_error():
     class Exploding(FakeDataset):
         def __getitem__(self, i):

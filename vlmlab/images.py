@@ -19,7 +19,7 @@ import io
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ class ImageError(Exception):
 class DatasetRow:
     """Lazy reference to ``dataset[index][column]``; decoded only when opened."""
 
-    dataset: Any = field(repr=False)
+    dataset: Any = field(repr=False, compare=False)
     column: str | None
     index: int
 
@@ -85,6 +85,10 @@ class ImageItem:
 
 
 # ----------------------------------------------------------------- collect
+
+_ACCEPTED = ("collect() accepts a file or folder path (str or pathlib.Path), "
+             "a PIL.Image.Image, a list/tuple of those, or a datasets.Dataset "
+             "(with column=) or a Dataset column")
 
 
 def collect(images: Any, column: str | None = None) -> list[ImageItem]:
@@ -116,11 +120,6 @@ def collect(images: Any, column: str | None = None) -> list[ImageItem]:
             raise TypeError(_ACCEPTED + f"; got {_type_name(entry)}"
                             + (f" at position {i}" if entries is images else ""))
     return _dedupe_keys(items)
-
-
-_ACCEPTED = ("collect() accepts a file or folder path (str or pathlib.Path), "
-             "a PIL.Image.Image, a list/tuple of those, or a datasets.Dataset "
-             "(with column=) or a Dataset column")
 
 
 def _type_name(obj: Any) -> str:
@@ -169,6 +168,9 @@ def _is_dataset_column(obj: Any) -> bool:
 
 
 def _collect_dataset(ds: Any, column: str | None) -> list[ImageItem]:
+    if isinstance(ds.column_names, dict):
+        raise TypeError(f"This looks like a DatasetDict with splits {list(ds.column_names)}; "
+                        "pass one split, e.g. collect(ds['train'], column='image').")
     names = list(ds.column_names)
     if column is None:
         if "image" in names:
@@ -180,9 +182,22 @@ def _collect_dataset(ds: Any, column: str | None) -> list[ImageItem]:
                              "the images, e.g. collect(ds, column='img').")
     if column not in names:
         raise ValueError(f"Column {column!r} is not in the dataset; its columns are {names}.")
-    if hasattr(ds, "select_columns"):  # decode only the image column per row
+    if hasattr(ds, "select_columns"):  # read only the image column per row
         ds = ds.select_columns([column])
+    ds = _without_decoding(ds, column)
     return [ImageItem(f"dataset:{i}", DatasetRow(ds, column, i)) for i in range(len(ds))]
+
+
+def _without_decoding(ds: Any, column: str) -> Any:
+    """Have a ``datasets`` Image column hand over raw bytes, so that
+    :func:`open_image` decodes them with its size check and error kinds."""
+    feature = getattr(ds, "features", {}).get(column)
+    if type(feature).__name__ != "Image" or not getattr(feature, "decode", False):
+        return ds
+    try:
+        return ds.cast_column(column, replace(feature, decode=False))
+    except Exception:  # an older or unusual datasets: let it decode itself
+        return ds
 
 
 # -------------------------------------------------------------- open_image
@@ -204,6 +219,9 @@ def open_image(item: ImageItem, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.I
                              f"decode this row ({type(e).__name__}: {e}).") from e
     if isinstance(source, dict):  # datasets Image(decode=False): {"bytes", "path"}
         source = source.get("bytes") or source.get("path")
+    if source is None or isinstance(source, (bytes, bytearray)) and not source:
+        raise ImageError(item.key, "empty", f"{item.key}: holds no image data "
+                         f"({source!r}). Check that row of the dataset, or drop it.")
     if isinstance(source, (bytes, bytearray)):
         return _decode(item.key, io.BytesIO(source), max_pixels)
     if isinstance(source, Image.Image):
@@ -258,7 +276,7 @@ def _os_error(key: str, e: OSError) -> ImageError:
 def _decode(key: str, src: Any, max_pixels: int) -> Image.Image:
     """Open (header only), check the size, force a full decode, convert."""
     try:
-        im = src if isinstance(src, Image.Image) else Image.open(src)
+        im = src if isinstance(src, Image.Image) else Image.open(src, formats=_formats())
         _check_size(key, im, max_pixels)
         im.load()  # Pillow is lazy: truncation and corrupt data show up here
         im = _exif_transpose(im)
@@ -271,6 +289,13 @@ def _decode(key: str, src: Any, max_pixels: int) -> Image.Image:
                          "is trusted, raise PIL.Image.MAX_IMAGE_PIXELS and max_pixels.") from e
     except Exception as e:  # Pillow plugins raise many types; none may crash a run
         raise _classify(key, src, e) from e
+
+
+def _formats() -> list[str]:
+    """Every format Pillow can open (plugins registered later included) except
+    EPS, whose decoding runs Ghostscript in a subprocess on untrusted input."""
+    Image.init()
+    return [f for f in Image.OPEN if f != "EPS"]
 
 
 def _check_size(key: str, im: Image.Image, max_pixels: int) -> None:
@@ -303,6 +328,8 @@ _FOREIGN = [
     (lambda h: b"<svg" in h[:512].lower(),
      "an SVG vector drawing", "rasterise it first (e.g. with cairosvg or a browser)"),
     (lambda h: h.startswith(b"%PDF"), "a PDF document", "render its pages to PNG first"),
+    (lambda h: h.startswith((b"%!PS", b"\xc5\xd0\xd3\xc6")), "a PostScript/EPS file",
+     "rasterise it first (Ghostscript is not run on input files)"),
 ]
 # Formats Pillow reads: (name, signature test, "does the file end early?"), the
 # last from an end marker or a declared length where the format has one.
