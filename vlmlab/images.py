@@ -219,7 +219,7 @@ def open_image(item: ImageItem, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.I
                              f"decode this row ({type(e).__name__}: {e}).") from e
     if isinstance(source, dict):  # datasets Image(decode=False): {"bytes", "path"}
         source = source.get("bytes") or source.get("path")
-    if source is None or isinstance(source, (bytes, bytearray)) and not source:
+    if source is None or (isinstance(source, (bytes, bytearray)) and not source):
         raise ImageError(item.key, "empty", f"{item.key}: holds no image data "
                          f"({source!r}). Check that row of the dataset, or drop it.")
     if isinstance(source, (bytes, bytearray)):
@@ -287,6 +287,9 @@ def _decode(key: str, src: Any, max_pixels: int) -> Image.Image:
         # The warning arrives as an exception only under a warnings "error" filter.
         raise ImageError(key, "too_large", f"{key}: {e} Pillow refuses it; if the image "
                          "is trusted, raise PIL.Image.MAX_IMAGE_PIXELS and max_pixels.") from e
+    except MemoryError as e:
+        raise ImageError(key, "too_large", f"{key}: ran out of memory decoding it. "
+                         "Pass a smaller max_pixels, or downscale the image.") from e
     except Exception as e:  # Pillow plugins raise many types; none may crash a run
         raise _classify(key, src, e) from e
 
