@@ -1,0 +1,158 @@
+"""The memory model: predicted bytes per device, by component.
+
+Weights alone underestimate the peak badly. A captioning ``generate`` also holds the KV cache of
+every sequence, the vision encoder's and the prefill's activations, the logits, and on a GPU the
+CUDA context plus the caching allocator's slack. Every term is a formula over the config and the
+workload, so each can be checked by hand (tests/test_memory.py does).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 1024**3
+MiB = 1024**2
+
+DTYPES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5}
+ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32",
+           "auto": "bfloat16", "8bit": "int8", "4bit": "int4", "nf4": "int4"}
+# bitsandbytes NF4 with double quantisation: one 8-bit absmax per 64 weights (+ tiny second level).
+INT4_OVERHEAD = 1 / 64
+# CUDA context, cuBLAS workspace and kernels resident on each GPU (measured on H100/H200, torch 2.11:
+# see benchmarks/gpu_memory.txt). A CPU worker pays no such cost.
+CUDA_CONTEXT = 512 * MiB
+# The caching allocator reserves more than it hands out (block rounding, fragmentation of the growing
+# KV cache); applied to the dynamic part (KV cache + activations + logits).
+ALLOCATOR_SLACK = 0.05
+
+COMPONENTS = ("vision", "projector", "embeddings", "layers", "norm", "head", "other",
+              "kv_cache", "activations", "logits", "context")
+
+
+def canonical_dtype(dtype) -> str:
+    text = str(dtype).replace("torch.", "").lower()
+    text = ALIASES.get(text, text)
+    if text not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} (or bf16, fp16, fp32, 8bit, 4bit)")
+    return text
+
+
+def compute_bytes(dtype: str) -> float:
+    """Bytes per element of activations and KV cache: quantised weights still compute in 16 bits."""
+    return 4.0 if dtype == "float32" else 2.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch_size: int = 1
+    max_new_tokens: int = 64
+    prompt_tokens: int = 16  # text tokens of a captioning prompt and chat template
+    images_per_prompt: int = 1
+
+    def prefill_tokens(self, dims) -> int:
+        return self.prompt_tokens + self.images_per_prompt * dims.image_tokens
+
+    def total_tokens(self, dims) -> int:
+        return self.prefill_tokens(dims) + self.max_new_tokens
+
+
+def weight_bytes(unit, dtype: str) -> dict[str, float]:
+    """Weight bytes of one placement unit by component. int8/int4 shrink nn.Linear weights except
+    the head (bitsandbytes keeps the LM head in 16 bits); everything else stays in 16 bits."""
+    if dtype in ("float32", "bfloat16", "float16"):
+        return {c: n * DTYPES[dtype] for c, n in unit.params.items()}
+    q = DTYPES[dtype] + (INT4_OVERHEAD if dtype == "int4" else 0.0)
+    out = {}
+    for c, n in unit.params.items():
+        lin = 0 if c == "head" else unit.linear.get(c, 0)
+        out[c] = lin * q + (n - lin) * 2.0
+    return out
+
+
+def kv_bytes_per_layer(dims, work: Workload, dtype: str) -> float:
+    """K and V of one decoder layer for the whole batch at the longest sequence."""
+    return 2 * work.batch_size * work.total_tokens(dims) * dims.kv_heads * dims.head_dim * compute_bytes(dtype)
+
+
+def prefill_activation_bytes(dims, work: Workload, dtype: str) -> float:
+    """Peak transient memory of one decoder layer during prefill (inference: temporaries die at once).
+    Residual stream and norms (~4 x hidden), then the larger of the MLP (gate-activation, up and their
+    product: 3 x intermediate) and attention (q, k, v, rotated copies, output: ~6 x hidden)."""
+    tokens = work.batch_size * work.prefill_tokens(dims)
+    width = 4 * dims.hidden + max(3 * dims.intermediate, 6 * dims.hidden)
+    return tokens * width * compute_bytes(dtype)
+
+
+def vision_activation_bytes(dims, work: Workload, dtype: str, keeps_hidden_states: bool) -> float:
+    """Vision encoder peak: its MLP temporaries, plus every layer's hidden state when the family
+    asks the tower for all of them (LLaVA selects layer -2 from ``output_hidden_states``)."""
+    images = work.batch_size * work.images_per_prompt
+    per_state = images * dims.vision_tokens * dims.vision_hidden * compute_bytes(dtype)
+    kept = (dims.vision_layers + 1) if keeps_hidden_states else 2
+    mlp = images * dims.vision_tokens * 2 * dims.vision_intermediate * compute_bytes(dtype)
+    return kept * per_state + mlp
+
+
+def embedding_activation_bytes(dims, work: Workload, dtype: str) -> float:
+    """The embedded prompt, the projected image features and the merged copy (masked_scatter)."""
+    return 3 * work.batch_size * work.prefill_tokens(dims) * dims.hidden * compute_bytes(dtype)
+
+
+def logits_bytes(dims, work: Workload) -> float:
+    """generate() keeps logits of the last position only, upcast to float32, plus a processed copy."""
+    return 2 * work.batch_size * dims.vocab * 4.0
+
+
+class DeviceLoad:
+    """What one device holds, accumulated unit by unit so the planner can grow it cheaply."""
+
+    def __init__(self, dims, work: Workload, dtype: str, *, is_cuda=True, keeps_vision_states=False):
+        self.dims, self.work, self.dtype = dims, work, dtype
+        self.is_cuda, self.keeps_vision_states = is_cuda, keeps_vision_states
+        self.weights = dict.fromkeys(COMPONENTS[:7], 0.0)
+        self.layers = 0
+        self.has_input = self.has_head = False
+
+    def add(self, unit) -> "DeviceLoad":
+        for c, b in weight_bytes(unit, self.dtype).items():
+            self.weights[c] += b
+        self.layers += unit.layer is not None
+        self.has_input |= unit.name == "input"
+        self.has_head |= "head" in unit.params  # a tied head sits in the input unit with 0 params
+        return self
+
+    def copy(self) -> "DeviceLoad":
+        new = DeviceLoad(self.dims, self.work, self.dtype, is_cuda=self.is_cuda,
+                         keeps_vision_states=self.keeps_vision_states)
+        new.weights, new.layers = dict(self.weights), self.layers
+        new.has_input, new.has_head = self.has_input, self.has_head
+        return new
+
+    def breakdown(self) -> dict[str, float]:
+        d, w, dt = self.dims, self.work, self.dtype
+        out = dict.fromkeys(COMPONENTS, 0.0)
+        out.update(self.weights)
+        kv_layer = kv_bytes_per_layer(d, w, dt)
+        out["kv_cache"] = kv_layer * self.layers
+        transient = [0.0]
+        if self.has_input:
+            transient.append(vision_activation_bytes(d, w, dt, self.keeps_vision_states)
+                             + embedding_activation_bytes(d, w, dt))
+        if self.layers:
+            # one layer's prefill temporaries, plus one K (or V) re-allocated as the cache grows
+            transient.append(prefill_activation_bytes(d, w, dt) + kv_layer / 2)
+        out["activations"] = max(transient)
+        out["logits"] = logits_bytes(d, w) if self.has_head else 0.0
+        dynamic = out["kv_cache"] + out["activations"] + out["logits"]
+        out["context"] = (CUDA_CONTEXT + ALLOCATOR_SLACK * dynamic) if self.is_cuda else 0.0
+        return out
+
+    def total(self) -> float:
+        return sum(self.breakdown().values())
+
+
+def device_memory(units, dims, work: Workload, dtype: str, **kw) -> dict[str, float]:
+    """Predicted peak bytes on one device holding ``units``, by component."""
+    load = DeviceLoad(dims, work, dtype, **kw)
+    for u in units:
+        load.add(u)
+    return load.breakdown()
