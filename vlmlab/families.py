@@ -27,6 +27,7 @@ class Family:
     architectures: tuple[str, ...] = ()  # matched against config.architectures (remote-code models)
     colocate: tuple[str, ...] = field(default=COLOCATED)
     keeps_vision_states: bool = False  # the tower returns every layer's hidden state (feature layer -2)
+    merge: object = 1  # (int or callable(config)) vision-encoder tokens per language-model image token (Qwen merges 2x2, InternVL 4)
 
     def resolve(self, names: set[str]) -> dict[str, list[str]]:
         """Role -> the candidate names that exist in ``names`` (module and parameter names)."""
@@ -102,12 +103,12 @@ FAMILIES: list[Family] = [
         "vision": ("model.visual",),
         "projector": ("model.visual.merger",),
         **_llm("model.language_model"),
-    }, image_tokens=_qwen_tokens),
+    }, image_tokens=_qwen_tokens, merge=4),
     Family("idefics3", ("idefics3", "smolvlm"), {
         "vision": ("model.vision_model",),
         "projector": ("model.connector",),
         **_llm("model.text_model"),
-    }, image_tokens=_idefics3_tokens),
+    }, image_tokens=_idefics3_tokens, merge=lambda config: getattr(config, "scale_factor", 2) ** 2),
     Family("paligemma", ("paligemma",), {
         "vision": ("model.vision_tower",),
         "projector": ("model.multi_modal_projector",),
@@ -117,7 +118,7 @@ FAMILIES: list[Family] = [
         "vision": ("model.vision_tower",),
         "projector": ("model.multi_modal_projector",),
         **_llm("model.language_model"),
-    }, image_tokens=_internvl_tokens),
+    }, image_tokens=_internvl_tokens, merge=4),
     Family("blip2", ("blip-2",), {
         "vision": ("vision_model", "model.vision_model"),
         "projector": ("qformer", "query_tokens", "language_projection",

@@ -17,12 +17,15 @@ ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "fl
            "auto": "bfloat16", "8bit": "int8", "4bit": "int4", "nf4": "int4"}
 # bitsandbytes NF4 with double quantisation: one 8-bit absmax per 64 weights (+ tiny second level).
 INT4_OVERHEAD = 1 / 64
-# CUDA context, cuBLAS workspace and kernels resident on each GPU (measured on H100/H200, torch 2.11:
-# see benchmarks/gpu_memory.txt). A CPU worker pays no such cost.
-CUDA_CONTEXT = 512 * MiB
-# The caching allocator reserves more than it hands out (block rounding, fragmentation of the growing
-# KV cache); applied to the dynamic part (KV cache + activations + logits).
-ALLOCATOR_SLACK = 0.05
+# CUDA context, cuBLAS workspace and loaded kernels on each GPU: NVML "used" minus torch's reserved
+# memory, measured at 1.27-1.29 GiB on H200 with torch 2.11 / CUDA 13 (benchmarks/results/). A CPU
+# worker pays no such cost.
+CUDA_CONTEXT = 1300 * MiB
+# The caching allocator reserves more than it hands out: the KV cache grows by torch.cat each step,
+# leaving freed blocks too small for the next, larger tensors. Measured reserved-minus-allocated was
+# 31-37% of the dynamic part (KV cache + activations + logits) for LLaVA-1.5-7B at batch 4 and 16,
+# single and split (benchmarks/results/gpu_memory_calibration.txt).
+ALLOCATOR_SLACK = 0.35
 
 COMPONENTS = ("vision", "projector", "embeddings", "layers", "norm", "head", "other",
               "kv_cache", "activations", "logits", "context")

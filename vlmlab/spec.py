@@ -286,7 +286,8 @@ def _dims(config, fam: Family, units) -> Dims:
     size = size[0] if isinstance(size, (list, tuple)) else size
     patch = getattr(vc, "patch_size", 14)
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-    vision_tokens = max((size // patch) ** 2 + 1, image_tokens)
+    merge = fam.merge(config) if callable(fam.merge) else fam.merge
+    vision_tokens = max((size // patch) ** 2 + 1, image_tokens * merge)
     return Dims(hidden, _get(tc, "intermediate_size", "ffn_dim", default=4 * hidden), n_layers, heads, kv, head_dim,
                 _get(tc, "vocab_size"), v_hidden, _get(vc, "intermediate_size", default=4 * v_hidden),
                 _get(vc, "num_hidden_layers", "depth", default=0), _get(vc, "num_attention_heads", "num_heads", default=1),
