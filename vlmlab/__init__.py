@@ -7,6 +7,8 @@ needs on first use, so loading the extension is fast and never initialises CUDA.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -43,6 +45,20 @@ def __getattr__(name):
 
 def __dir__():
     return __all__
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``vlmlab.spec`` (or ``vlmlab.plan``) makes Python set it as an
+    attribute of the package, which would hide the API function of the same name: after
+    ``vlmlab.plan(...)``, ``vlmlab.spec`` was the module. Those submodules stay in sys.modules."""
+
+    def __setattr__(self, name, value):
+        if name in _API and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def load_ipython_extension(ipython):
