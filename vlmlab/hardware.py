@@ -299,11 +299,15 @@ def _from_torch() -> Hardware | None:
 
 def _bandwidth_of(name: str) -> float | None:
     low = name.lower()
+
+    def within(part, text):  # not followed by a letter or digit: "A10" is not in "A100", nor "L4" in "L40S"
+        return re.search(re.escape(part) + r"(?![a-z0-9])", text) is not None
+
     for display, _, bw in CARDS.values():
-        if display.lower() in low or low in display.lower():
+        if within(display.lower(), low) or within(low, display.lower()):
             return bw
     for key, (_, _, bw) in CARDS.items():
-        if key.split("-")[0] in low.replace(" ", ""):
+        if within(key.split("-")[0], low) or within(key.split("-")[0], low.replace(" ", "")):
             return bw
     return None
 
