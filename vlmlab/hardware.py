@@ -202,9 +202,13 @@ def parse(spec: str) -> Hardware:
             raise ValueError(f"{item!r}: the count of devices must be at least 1")
         if token.startswith("cpu"):
             mem = parse_size(token[4:]) if token.startswith("cpu:") else _cpu_share(count)
+            if mem <= 0:
+                raise ValueError(f"{item!r}: a device needs a memory size above zero, e.g. 'cpu:8GiB'")
             devices += [Gpu(len(devices) + i, "CPU worker", mem, mem, kind="cpu") for i in range(count)]
             continue
         name, mem, bw = _card(token)
+        if mem <= 0:
+            raise ValueError(f"{item!r}: a device needs a memory size above zero, e.g. '24GiB'")
         devices += [Gpu(len(devices) + i, name, mem, mem, bandwidth=bw) for i in range(count)]
     if not devices:
         raise ValueError(f"no device in hardware spec {spec!r}")
