@@ -29,6 +29,7 @@ _API = {
     "unload": ("loading", "unload"),
     "LoadedModel": ("loading", "LoadedModel"),
     "AlreadyLoadedError": ("loading", "AlreadyLoadedError"),
+    "dashboard": ("widgets", "dashboard"),
 }
 
 __all__ = sorted(_API) + ["__version__"]

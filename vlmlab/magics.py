@@ -16,7 +16,6 @@ import json
 import os
 import shlex
 import sys
-import weakref
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
@@ -273,10 +272,6 @@ class VlmMagic(Magics):
     batch_size = Int(None, allow_none=True, help="batch size used when --batch-size is not given").tag(config=True)
     poll_interval = Float(1.0, help="seconds between samples of the dashboard's memory monitor").tag(config=True)
 
-    def __init__(self, shell=None, **kwargs):
-        super().__init__(shell=shell, **kwargs)
-        self.dashboards: weakref.WeakSet = weakref.WeakSet()
-
     @line_cell_magic
     def vlm(self, line: str = "", cell: str | None = None):
         """%vlm SUBCOMMAND [ARGS]: a lab bench for vision-language models. %vlm help for usage."""
@@ -404,13 +399,7 @@ class VlmMagic(Magics):
     def _dashboard(self, args, cell):
         import vlmlab
 
-        board = vlmlab.dashboard(poll_interval=self.poll_interval, **args)
-        self.dashboards.add(board)
-        return board
-
-    def close_dashboards(self):
-        for board in list(self.dashboards):
-            board.close()
+        return vlmlab.dashboard(poll_interval=self.poll_interval, **args)
 
 
 def _body_device_map(args, cell):
@@ -445,8 +434,7 @@ def unload_ipython_extension(shell):
     magic = _registered(shell)
     if magic is None:
         return
-    magic.close_dashboards()
-    if "vlmlab.widgets" in sys.modules:
+    if "vlmlab.widgets" in sys.modules:  # dashboards exist only if it was imported
         sys.modules["vlmlab.widgets"].close_all()
     manager = shell.magics_manager
     for kind in ("line", "cell"):

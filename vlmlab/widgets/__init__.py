@@ -1,0 +1,14 @@
+"""The widget dashboard (ipywidgets 8): a skin over the API, one panel per module.
+
+``vlmlab.dashboard()`` builds a :class:`Dashboard`; its panels are ``GpuPicker``,
+``PlanEditor``, ``CaptionPanel``, ``MemoryMonitor`` and ``LatencyView``.
+"""
+from .caption_panel import CaptionPanel
+from .dashboard import Dashboard, close_all, dashboard
+from .gpu_picker import GpuPicker
+from .latency_view import LatencyView
+from .monitor import MemoryMonitor
+from .plan_editor import PlanEditor
+
+__all__ = ["Dashboard", "dashboard", "close_all", "GpuPicker", "PlanEditor", "CaptionPanel", "MemoryMonitor",
+           "LatencyView"]
