@@ -1,0 +1,65 @@
+"""Strategies side by side on real GPUs: single vs split vs replicate on 2 and 4 GPUs.
+
+llava-1.5-7b shape with random weights, bf16, batch 16, 32 new tokens, the same number of
+caption-shaped prompts for every strategy, all measured in the same run by ``vlmlab.bench``.
+Replicas run in spawned worker processes (one per GPU).
+
+    python benchmarks/gpu_strategies.py --images 256 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llava-1.5-7b")
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+    import transformers
+
+    import vlmlab
+    from vlmlab.bench import bench
+
+    hw = vlmlab.gpus()
+    n = len(hw)
+    env = {"date": datetime.date.today().isoformat(), "gpu": hw[0].name if n else "cpu", "gpu_count": n,
+           "torch": torch.__version__, "transformers": transformers.__version__}
+    print(f"# {env}")
+    print(f"# {args.model}, random weights, bf16, batch {args.batch_size}, {args.new_tokens} new tokens, "
+          f"{args.images} prompts per strategy")
+    runs = [("single", hw.select(indices=[0])), ("split", hw.select(indices=[0, 1])),
+            ("replicate", hw.select(indices=[0, 1]))]
+    if n >= 4:
+        runs.append(("replicate", hw.select(indices=[0, 1, 2, 3])))
+    rows = []
+    for strategy, gpus in runs:
+        r = bench(args.model, strategies=[strategy], batch_sizes=[args.batch_size], gpus=gpus, n_images=args.images,
+                  max_new_tokens=args.new_tokens, dtype="bfloat16", random_weights=True, progress=False)
+        row = r.rows[0]
+        row["n_gpus"] = len(gpus)
+        rows.append(row)
+        print(f"{strategy:<9} on {len(gpus)} GPU(s): {row['images_per_s']:7.1f} images/s, {row['tokens_per_s']:8.0f} tokens/s, "
+              f"batch p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, errors {row['errors']}, died {row['died']}")
+        for d, b in sorted(row.get("peaks", {}).items()):
+            pred = row["predicted"].get(d, 0)
+            print(f"    GPU{d}: measured peak {b / 2**30:6.2f} GiB, predicted {pred / 2**30:6.2f} GiB "
+                  f"({100 * (pred - b) / b:+.1f}%)")
+    base = rows[0]["images_per_s"]
+    print("# speed-up over single (images/s):")
+    for row in rows:
+        print(f"#   {row['strategy']:<9} x{row['n_gpus']}: {row['images_per_s'] / base:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "args": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
