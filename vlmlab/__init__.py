@@ -29,7 +29,11 @@ _API = {
     "unload": ("loading", "unload"),
     "LoadedModel": ("loading", "LoadedModel"),
     "AlreadyLoadedError": ("loading", "AlreadyLoadedError"),
+    "bench": ("bench", "bench"),
+    "BenchResult": ("bench", "BenchResult"),
     "dashboard": ("widgets", "dashboard"),
+    "caption": ("captioning", "caption"),
+    "CaptionResult": ("results", "CaptionResult"),
 }
 
 __all__ = sorted(_API) + ["__version__"]
