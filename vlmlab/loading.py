@@ -76,8 +76,11 @@ def unload(model=None) -> int:
     elif isinstance(model, LoadedModel):
         targets = [model] if model in _REGISTRY else []
     else:
-        name = model if model in {m.name for m in _REGISTRY} else get_spec(model).name
-        targets = [m for m in _REGISTRY if m.name == name]
+        path = _path_of(model)
+        targets = [m for m in _REGISTRY if _same_model(m, model, path)]
+        if not targets and path is None:  # e.g. a catalogue alias of a loaded name
+            name = get_spec(model).name
+            targets = [m for m in _REGISTRY if m.name == name]
     for m in targets:
         _REGISTRY.remove(m)
         m.model = None
@@ -119,8 +122,8 @@ def load(model=None, gpus=None, strategy: str = "single", dtype: str | None = No
         raise ValueError(f"replica {replica} does not exist; the plan has {len(p.replicas)}")
     dm = p.replicas[replica].device_map
     devices = sorted({d for d in dm.values()}, key=str)
-    _guard(p.model, devices, force)
     ms = p._spec()
+    _guard(p.model, devices, force, _path_of(ms.path) if ms.path else None)
     if random_weights:
         model_obj, processor = _random(ms, dm, p.dtype), None
     else:
@@ -132,22 +135,51 @@ def load(model=None, gpus=None, strategy: str = "single", dtype: str | None = No
 
 
 def find(name, devices=None) -> LoadedModel | None:
-    """The most recent loaded copy of ``name`` (on ``devices`` if given)."""
+    """The most recent loaded copy of ``name`` (on ``devices`` if given). A folder and the name it
+    was loaded by (e.g. the bundled captioner's folder and "vlmlab/tiny-captioner") are the same model."""
+    path = _path_of(name)
     for m in reversed(_REGISTRY):
-        if m.name == name and (devices is None or set(devices) <= set(m.devices)):
+        if _same_model(m, name, path) and (devices is None or set(devices) <= set(m.devices)):
             return m
     return None
 
 
-def _guard(name, devices, force):
+def _path_of(name) -> str | None:
+    """The resolved folder of a bundled name or a local folder; None for catalogue names and Hub ids."""
+    import os
+    from pathlib import Path
+
+    from .spec import BUNDLED
+
+    if name in BUNDLED:
+        return str(BUNDLED[name].resolve())
+    try:
+        p = Path(name).expanduser()
+        return str(p.resolve()) if isinstance(name, (str, os.PathLike)) and p.is_dir() else None
+    except (OSError, TypeError):
+        return None
+
+
+def _same_model(m: LoadedModel, name, path) -> bool:
+    if m.name == name:
+        return True
+    if path is None:
+        return False
+    spec = m.plan.spec
+    other = spec.path if spec is not None and spec.path else _path_of(m.name)
+    return other is not None and _path_of(other) == path
+
+
+def _guard(name, devices, force, path=None):
     for m in _REGISTRY:
         overlap = set(m.devices) & set(devices)
-        if m.name == name and overlap and not force:
+        if _same_model(m, name, path) and overlap and not force:
+            same = "" if m.name == name else f" as {m.name!r}"
             raise AlreadyLoadedError(
-                f"{name} is already loaded on {', '.join(_label(d) for d in sorted(overlap, key=str))} "
+                f"{name} is already loaded{same} on {', '.join(_label(d) for d in sorted(overlap, key=str))} "
                 f"({fmt_bytes(m.memory_bytes())} of weights). A second copy there doubles the memory — the usual "
                 f"cause of an OOM in notebooks that load per GPU and with device_map='auto'. Use the loaded one "
-                f"(vlmlab.loaded()), free it first (vlmlab.unload({name!r})), or pass force=True.")
+                f"(vlmlab.loaded()), free it first (vlmlab.unload({m.name!r})), or pass force=True.")
 
 
 def _torch_dtype(dtype: str):
