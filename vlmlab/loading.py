@@ -218,12 +218,26 @@ def _pretrained(ms, dm, dtype, trust_remote_code, allow_pickle):
         model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
         processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as err:
+        pickles = _pickle_files(ms.path) if ms.path and not allow_pickle else []
+        if pickles:
+            raise OSError(f"{source} has no safetensors weights, only pickle files ({', '.join(pickles[:3])}), and "
+                          f"unpickling can run arbitrary code. vlmlab loads safetensors only unless you pass "
+                          f"allow_pickle=True, if you trust this folder.") from None
         if ms.source in ("catalogue", "hub"):
             raise OSError(f"could not load {source!r} from the Hugging Face Hub ({str(err).splitlines()[0][:200]}). "
                           f"Offline, pass a local folder, the bundled 'vlmlab/tiny-captioner', or random_weights=True "
                           f"to build {ms.name} with random weights.") from None
         raise
     return model, processor
+
+
+def _pickle_files(folder) -> list[str]:
+    from pathlib import Path
+
+    try:
+        return sorted(p.name for p in Path(folder).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    except OSError:
+        return []
 
 
 def _random(ms, dm, dtype):
