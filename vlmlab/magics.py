@@ -214,9 +214,13 @@ def _bench_parser(p):
     p.add_argument("--strategies", type=str_list, help="comma-separated, e.g. single,split,replicate")
     p.add_argument("--batch-sizes", type=int_list, help="comma-separated, e.g. 1,8,16")
     _hardware(p)
+    p.add_argument("--images", nargs="+", help="image files/folders (default: the bundled samples)")
+    p.add_argument("--n-images", type=positive_int, metavar="N", help="with --random-weights: synthetic images")
+    p.add_argument("--prompt")
     p.add_argument("--dtype", metavar="DTYPE")
     p.add_argument("--max-new-tokens", type=positive_int, metavar="N")
     p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def _dashboard_parser(p):
@@ -325,7 +329,7 @@ class VlmMagic(Magics):
         if topic is None:
             print(USAGE)
         elif topic in SUBCOMMANDS:
-            print(parser_for(topic).format_help())
+            parser_for(topic).print_help()
         else:
             raise UsageError(f"%vlm help: no subcommand {topic!r}; subcommands: {', '.join(SUBCOMMANDS)}")
 
@@ -394,6 +398,8 @@ class VlmMagic(Magics):
     def _bench(self, args, cell):
         import vlmlab
 
+        if "images" in args and len(args["images"]) == 1:
+            args["images"] = args["images"][0]
         return vlmlab.bench(**args)
 
     def _dashboard(self, args, cell):

@@ -108,10 +108,7 @@ class CaptionPanel:
         self._progress(len(result), len(result))
         self.progress.bar_style = "success" if result.ok else "warning"
         self.result = result
-        errors = len(result.errors)
-        self.status.value = message(f"{len(result) - errors} captioned, {errors} error(s), "
-                                    f"{result.elapsed_s:.1f} s, model {result.model}",
-                                    "#c44e52" if errors else "#2a7a2a")
+        self.status.value = message(f"{result.model}: {result.summary()}", "#2a7a2a" if result.ok else "#c44e52")
         self.gallery.value = result._repr_html_()
         for callback in self._callbacks:
             callback(result)

@@ -37,7 +37,7 @@ class Dashboard:
                 check.value = g.index in gpus
         self.planner = PlanEditor(lambda: self.gpus.hardware, model=model, dtype=dtype, batch_size=batch_size)
         self.captioner = CaptionPanel(self._caption_settings, images=images if images is not None else _samples())
-        self.monitor = MemoryMonitor(self._monitored, interval=poll_interval)
+        self.monitor = MemoryMonitor(self._monitored, interval=poll_interval, predicted=self._predicted)
         self.latency = LatencyView()
         self.header = w.HTML()
         self.tabs = w.Tab(children=[self.gpus.widget, self.planner.widget, self.captioner.widget,
@@ -64,6 +64,11 @@ class Dashboard:
     def _monitored(self) -> list:
         hw = self.gpus.runnable
         return [g.index for g in hw if g.kind == "cuda"] if hw else []
+
+    def _predicted(self):
+        """The plan's predicted peak per device, when the plan is for the devices being watched."""
+        plan = self.planner.plan
+        return plan.predicted() if plan is not None and not plan.hardware.virtual else None
 
     def _on_result(self, result):
         if getattr(result, "profile", None) is not None:

@@ -26,14 +26,4 @@ class LatencyView:
             self.message.value = message(f"cannot plot the latency: {type(err).__name__}: {err}", "#c44e52")
             return
         self.profile = profile
-        self.message.value = message(_summary(profile))
-
-
-def _summary(profile) -> str:
-    text = getattr(profile, "summary", None)
-    if callable(text):
-        try:
-            text = text()
-        except Exception:  # noqa: BLE001
-            text = None
-    return str(text) if isinstance(text, str) else "latency of the last profiled run"
+        self.message.value = message(repr(profile))

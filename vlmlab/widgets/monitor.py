@@ -1,7 +1,7 @@
-"""Live memory monitor: ``vlmlab.profiling.MemorySampler`` samples per-device memory in its own
-thread; a second daemon thread redraws the plot every ``interval`` seconds, so the kernel is never
-blocked. Sampling goes through NVML (or the process' memory on a machine without GPUs): it never
-initialises CUDA in the kernel."""
+"""Live memory monitor: ``vlmlab.profiling.MemorySampler`` samples per-device memory into its ring
+buffer on its own thread; a second daemon thread redraws the plot every ``interval`` seconds, so
+the kernel is never blocked. The sampler reads NVML (and torch's counters only if CUDA is already
+initialised), or the process' RSS on a machine without GPUs: it never initialises CUDA."""
 from __future__ import annotations
 
 import threading
@@ -14,10 +14,12 @@ from .common import message, png
 class MemoryMonitor:
     """Attributes: ``start_button``, ``pause_button`` (pause/resume), ``stop_button``, ``plot``
     (Image), ``status`` (HTML), ``sampler`` (the MemorySampler while running), ``widget``.
-    ``devices`` is a callable returning the device indices to sample (empty: no GPU)."""
+    ``devices`` is a callable returning the CUDA indices to sample (empty: the process' memory,
+    "cpu"); ``predicted`` an optional callable returning {device: bytes} drawn as dotted lines."""
 
-    def __init__(self, devices=None, interval: float = 1.0, window: int = 600):
+    def __init__(self, devices=None, interval: float = 1.0, window: int = 600, predicted=None):
         self._devices = devices or (lambda: [])
+        self._predicted = predicted or (lambda: None)
         self.interval = float(interval)
         self.window = window  # samples kept per device (the sampler's ring buffer)
         self.sampler = None
@@ -55,7 +57,7 @@ class MemoryMonitor:
         with self._lock:
             if self.running:
                 return
-            self.sampler = MemorySampler(list(self._devices()), interval=self.interval, **_window(self.window))
+            self.sampler = MemorySampler(list(self._devices()) or ["cpu"], interval=self.interval, maxlen=self.window)
             self.sampler.start()
             self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="vlmlab-monitor", daemon=True)
@@ -106,17 +108,4 @@ class MemoryMonitor:
         df = self.samples()
         if df is None or len(df) == 0:
             return
-        self.plot.value = png(memory_timeline(df, figsize=(7, 3)))
-
-
-def _window(window):
-    """Pass the ring-buffer size if this MemorySampler takes one."""
-    import inspect
-
-    from vlmlab.profiling import MemorySampler
-
-    params = inspect.signature(MemorySampler).parameters
-    for name in ("maxlen", "max_samples", "capacity", "window"):
-        if name in params:
-            return {name: window}
-    return {}
+        self.plot.value = png(memory_timeline(df, figsize=(7, 3), predicted=self._predicted()))

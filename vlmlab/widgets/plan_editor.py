@@ -89,6 +89,9 @@ class PlanEditor:
         return plan
 
     def move_layers(self):
+        if self.plan is None:
+            self.notes.value = notes(error="make a plan first")
+            return None
         first, last = self.layers_first.value, self.layers_last.value
         if last < first:
             self.notes.value = notes(error=f"layers {first}..{last}: the last layer comes before the first")
@@ -96,6 +99,9 @@ class PlanEditor:
         return self._edit(lambda p: p.move(layers=range(first, last + 1), to=self.layers_to.value))
 
     def move_module(self):
+        if self.plan is None:
+            self.notes.value = notes(error="make a plan first")
+            return None
         name = self.module.value.strip()
         if not name:
             self.notes.value = notes(error="which module? type its name, e.g. one listed in the table")
@@ -103,9 +109,6 @@ class PlanEditor:
         return self._edit(lambda p: p.move(name, to=self.module_to.value))
 
     def _edit(self, change):
-        if self.plan is None:
-            self.notes.value = notes(error="make a plan first")
-            return None
         try:
             plan = change(self.plan)
         except Exception as err:  # noqa: BLE001
