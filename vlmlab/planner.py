@@ -132,7 +132,7 @@ class _Planner:
             if parts is None:
                 raise PlanError(self.no_fit(f"split over all {n} device(s)", self.devices))
             return [self._group(self.devices, parts)], "split" if n > 1 else "single"
-        sizes = [per_replica] if strategy == "hybrid" and per_replica else range(1, n + 1)
+        sizes = [per_replica] if strategy == "hybrid" and per_replica is not None else range(1, n + 1)
         for k in sizes:
             if k < 1 or k > n:
                 raise ValueError(f"gpus_per_replica must be between 1 and {n}, got {k}")
