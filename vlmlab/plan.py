@@ -134,8 +134,18 @@ class Plan:
         memory, problems, warnings = check(spec, dm, devices, self.workload, self.dtype)
         replicas = [Replica(sorted({d for d in dm.values() if isinstance(d, int)}), dm) if i == replica else r
                     for i, r in enumerate(self.replicas)]
-        merged = {i: b for i, b in self.memory.items() if i not in {*self.replicas[replica].gpus, *memory}}
-        merged.update(memory)
+        # a device may now hold parts of several replicas (one worker process each): add them up
+        merged: dict = {}
+        for i, r in enumerate(replicas):
+            mem = memory if i == replica else check(spec, r.device_map, devices, self.workload, self.dtype)[0]
+            for d, b in mem.items():
+                merged[d] = {k: merged.get(d, {}).get(k, 0.0) + v for k, v in b.items()}
+        for d in sorted(merged):
+            holders = [i for i, r in enumerate(replicas) if d in r.gpus]
+            need, cap = sum(merged[d].values()), devices[d].free
+            if len(holders) > 1 and need > cap:
+                problems.append(f"{devices[d].label} is over capacity: replicas {holders} share it and need "
+                                f"{fmt_bytes(need)} ({describe(merged[d])}) but it has {fmt_bytes(cap)}")
         return Plan(self.model, "custom" if len(replicas) == 1 else self.strategy, self.dtype, self.workload,
                     self.hardware, replicas, dict(sorted(merged.items())), warnings, problems, self.requested, spec)
 
