@@ -327,6 +327,8 @@ def test_caption_flags_and_body_rules(ip, record):
     assert calls[-1][1:] == ((["x.png", "y.png"],), dict(prompt="What colour is the square?"))
     with pytest.raises(UsageError, match="not both"):
         ip.run_cell_magic("vlm", "caption --prompt-from-body --prompt hi x.png", "body")
+    with pytest.raises(UsageError, match="give the images on the %%vlm line"):
+        ip.run_cell_magic("vlm", "caption --prompt-from-body", "What is it?")
     ip.run_line_magic("config", "VlmMagic.default_model = 'qwen2-vl-2b'")
     ip.run_line_magic("vlm", "caption a.png")
     assert calls[-1][2] == dict(model="qwen2-vl-2b")

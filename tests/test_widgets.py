@@ -253,6 +253,7 @@ def test_caption_uses_a_runnable_plan(board, fake_caption, tmp_path):
 
 def test_caption_uploads_and_errors(board, fake_caption, tmp_path):
     c = board.captioner
+    c.images.value = ""
     c.run_button.click()
     assert "no images" in c.status.value and c.progress.bar_style == "danger"
     c.images.value = str(tmp_path / "missing")

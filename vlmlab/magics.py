@@ -257,10 +257,11 @@ def parser_for(sub: str) -> ArgumentParser:
     return p
 
 
-# errors of the API that are the user's to fix: shown as a short UsageError, not a traceback
-# (the original stays chained; %tb shows it)
 def _user_errors():
-    errors = [ValueError, TypeError, FileNotFoundError]
+    """Errors of the API that are the user's to fix (a bad value, a model that does not fit, a broken
+    device map, a missing file, a second copy): shown as a short UsageError, not a traceback. Any
+    other exception (a bug) keeps its traceback."""
+    errors = [ValueError, FileNotFoundError, FileExistsError]  # PlanError, DeviceMapError are ValueErrors
     loading = sys.modules.get("vlmlab.loading")
     if loading is not None:
         errors.append(loading.AlreadyLoadedError)
@@ -383,6 +384,9 @@ class VlmMagic(Magics):
             args["prompt"] = cell.strip()
         elif cell is not None:
             images += [ln.strip() for ln in cell.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        if not images and from_body:
+            raise UsageError("%vlm caption: with --prompt-from-body the cell body is the prompt; give the images "
+                             "on the %%vlm line")
         if not images:
             raise UsageError("%vlm caption: which images? Give files or folders (or, in %%vlm caption, "
                              "one path per line in the cell body)")
