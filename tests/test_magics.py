@@ -157,6 +157,7 @@ def test_help_for_each_subcommand(ip, capsys, sub):
     ("caption --prompt-from-body x.png", "cell body; it is empty"),
     ("load --plan nothing_here", "no variable 'nothing_here'"),
     ("loaded -o 1x", "not a valid variable name"),
+    ("plan llava-1.5-7b --gpus 1x4GiB -o class", "not a valid variable name"),  # checked before planning
 ])
 def test_bad_arguments_raise_usage_error(ip, line, says):
     with pytest.raises(UsageError, match=None) as info:

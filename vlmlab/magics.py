@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import keyword
 import os
 import shlex
 import sys
@@ -301,6 +302,8 @@ class VlmMagic(Magics):
         except _HelpShown:
             return None
         var = args.pop("var", None)
+        if var is not None and (not var.isidentifier() or keyword.iskeyword(var)):
+            raise UsageError(f"%vlm {sub} -o {var!r}: not a valid variable name")
         self._apply_settings(parser, args)
         try:
             result = getattr(self, "_" + sub)(args, cell)
@@ -309,8 +312,6 @@ class VlmMagic(Magics):
         except _user_errors() as err:
             raise UsageError(f"%vlm {sub}: {err}") from err
         if var is not None:
-            if not var.isidentifier():
-                raise UsageError(f"-o {var!r}: not a valid variable name")
             self.shell.user_ns[var] = result
         return result
 
