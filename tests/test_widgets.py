@@ -136,16 +136,20 @@ def test_gpu_picker_without_gpus_says_so_and_defaults_to_a_virtual_box():
     assert not picker.hardware and "No GPU found" in picker.summary.value
 
 
-def test_dashboard_gpus_argument():
+def test_dashboard_gpus_argument(monkeypatch):
     b = Dashboard(gpus=box(70, 60, 50))
     try:
         assert b.gpus.source.value == "machine" and len(b.gpus.checks) == 3
     finally:
         b.close()
+    real = vlmlab.gpus
+    monkeypatch.setattr(vlmlab, "gpus", lambda spec=None: box(70, 60, 50) if spec is None else real(spec))
     b = Dashboard(gpus=[0, 2])
     try:
-        assert all(not c.value for c in b.gpus.checks) or [c.value for c in b.gpus.checks] == [
-            g.index in (0, 2) for g in b.gpus.machine]
+        assert [c.value for c in b.gpus.checks] == [True, False, True]
+        assert [g.index for g in b.gpus.hardware] == [0, 2] and b._monitored() == [0, 2]
+        b.gpus.source.value = "virtual"
+        assert b._monitored() == []  # a virtual box is not watched: the monitor falls back to "cpu"
     finally:
         b.close()
 

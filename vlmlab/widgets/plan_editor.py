@@ -23,7 +23,8 @@ def model_names() -> list[str]:
 
 class PlanEditor:
     """Attributes: ``model`` (Combobox, free text allowed), ``strategy``, ``dtype`` (Dropdowns),
-    ``batch_size``, ``max_new_tokens`` (BoundedIntText), ``plan_button``, ``bars`` (Image: the
+    ``batch_size`` (BoundedIntText, default 8 as vlmlab.caption; also the Caption tab's batch size),
+    ``max_new_tokens`` (BoundedIntText), ``plan_button``, ``bars`` (Image: the
     per-device stacked bars), ``table`` (HTML: what sits where), ``notes`` (HTML: problems in
     red, warnings), move controls ``layers_first``, ``layers_last``, ``layers_to``,
     ``move_layers_button``, ``module``, ``module_to``, ``move_module_button``; ``plan`` (the
@@ -39,7 +40,7 @@ class PlanEditor:
         self.strategy = w.Dropdown(options=STRATEGIES, value="auto", description="strategy")
         self.dtype = w.Dropdown(options=DTYPES, value=dtype if dtype in dict(DTYPES).values() else None,
                                 description="dtype")
-        self.batch_size = w.BoundedIntText(value=batch_size or 1, min=1, max=65536, description="batch size")
+        self.batch_size = w.BoundedIntText(value=batch_size or 8, min=1, max=65536, description="batch size")
         self.max_new_tokens = w.BoundedIntText(value=64, min=1, max=65536, description="new tokens")
         self.plan_button = w.Button(description="Plan", button_style="primary", icon="sitemap")
         self.bars = w.Image(format="png", layout=w.Layout(max_width="640px"))
