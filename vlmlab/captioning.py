@@ -268,10 +268,11 @@ class _Target:
         return self.lm
 
     def _find(self):
-        from .loading import loaded
+        from .loading import _path_of, _same_model, loaded
 
+        path = _path_of(self._spec.path or self.name)
         for m in reversed(loaded()):
-            if m.name != self.name or m.model is None:
+            if m.model is None or not _same_model(m, self.name, path):
                 continue
             if self.plan is not None:
                 if m.dtype == self.plan.dtype and dict(m.device_map) == dict(self.plan.replicas[0].device_map):

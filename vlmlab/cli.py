@@ -7,7 +7,8 @@
     vlmlab plan MODEL [--gpus SPEC] [--strategy S] [--dtype D] [--batch-size N] [--max-new-tokens N]
                       [--json FILE] [--picture FILE]
 
-Bad input gives a one-line error on stderr and exit code 2 (no traceback); Ctrl-C exits 130.
+Exit codes: 0 done; 1 some inputs could not be captioned (each has a row with its error); 2 bad input
+(a one-line error on stderr, no traceback); 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    """Run the CLI; returns the exit code (0 ok, 1 some images failed, 2 bad input, 130 interrupted)."""
     parser = build_parser()
     try:
         try:
@@ -97,6 +98,7 @@ def _caption(args) -> int:
     print(result.summary() + (f"; journal: {args.out}" if args.out else ""))
     if result.errors:
         print(f"vlmlab: {len(result.errors)} input(s) could not be captioned (see the error column)", file=sys.stderr)
+        return 1
     return 0
 
 
