@@ -359,3 +359,26 @@ def test_plan_with_replicas_runs_on_worker_processes(lm, scenes, baseline, tmp_p
     keys = [r["key"] for r in Journal(out).rows()]
     assert sorted(keys) == sorted(scenes) and len(keys) == len(set(keys))
     assert len(loaded()) == 1 and loaded()[0] is lm  # the workers' copies live and die in the workers
+
+
+def test_caption_items_is_the_worker_seam(lm, scenes, baseline, monkeypatch, tmp_path):
+    from vlmlab.images import collect
+
+    lm.__dict__.pop("_caption_state", None)
+
+    def oom_above_two(n, inputs):
+        if inputs["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    calls = _wrap_generate(monkeypatch, lm, oom_above_two)
+    try:
+        items = collect(list(scenes)[:4])
+        rows = captioning.caption_items(lm, items, "caption", 24, batch_size=4)
+        assert calls == [4, 2, 2] and [r["batch_size"] for r in rows] == [2] * 4
+        assert {r["image"]: r["caption"] for r in rows} == {k: baseline[k] for k in list(scenes)[:4]}
+        more = collect([*list(scenes)[4:8], tmp_path / "gone.png"])
+        rows = captioning.caption_items(lm, more, "caption", 24, batch_size=4)
+        assert calls == [4, 2, 2, 2, 2]  # what fits is remembered on the model: no second OOM
+        assert [r["error_kind"] for r in rows] == [None] * 4 + ["not_found"]
+    finally:
+        lm.__dict__.pop("_caption_state", None)

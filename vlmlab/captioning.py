@@ -185,14 +185,18 @@ def caption_items(loaded_model, items: list[ImageItem], prompt: str, max_new_tok
     """Rows for ``items`` (one each, in order): open every image, caption the good ones with
     :func:`caption_batch` in batches of ``batch_size`` (default: all at once), halving on OOM.
 
-    ``state`` (optional, an object with ``limit`` and ``oom_retries``) carries the batch size that
-    fits from one call to the next and counts the OOM retries.
+    ``state`` (optional, an object with ``limit`` and ``oom_retries``) carries the largest batch
+    known to fit from one call to the next and counts the OOM retries; without it, that is kept on
+    ``loaded_model`` (so a worker process does not run out of memory again on every batch).
     """
-    if state is None:  # remember what fits on this model from one call to the next (worker processes)
-        state = loaded_model.__dict__.setdefault("_caption_state", _State(limit=batch_size or max(len(items), 1)))
-    if batch_size:
-        state.limit = min(state.limit, batch_size)
-    return _caption_opened(loaded_model, _open_all(items), prompt, max_new_tokens, state)
+    if state is None:
+        state = loaded_model.__dict__.setdefault("_caption_state", _State(limit=sys.maxsize))
+    opened = _open_all(items)
+    size = batch_size or max(len(opened), 1)
+    rows = []
+    for i in range(0, len(opened), size):
+        rows += _caption_opened(loaded_model, opened[i:i + size], prompt, max_new_tokens, state)
+    return rows
 
 
 def build_prompt(processor, prompt: str) -> str:
