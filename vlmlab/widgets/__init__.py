@@ -2,6 +2,10 @@
 
 ``vlmlab.dashboard()`` builds a :class:`Dashboard`; its panels are ``GpuPicker``,
 ``PlanEditor``, ``CaptionPanel``, ``MemoryMonitor`` and ``LatencyView``.
+
+Stable CSS classes (for styling and browser tests): ``vlmlab-dashboard`` (the root),
+``vlmlab-gpu-picker``, ``vlmlab-plan-editor``, ``vlmlab-plan-bars`` (the plan picture),
+``vlmlab-caption-panel``, ``vlmlab-caption-gallery`` (holding the result's ``vlmlab-captions`` gallery).
 """
 from .caption_panel import CaptionPanel
 from .dashboard import Dashboard, close_all, dashboard

@@ -43,6 +43,8 @@ class CaptionPanel:
         self.gallery = w.HTML()
         self.widget = w.VBox([w.HBox([self.images, self.upload]), self.prompt, self.out,
                               w.HBox([self.profile, self.run_button, self.progress]), self.status, self.gallery])
+        self.widget.add_class("vlmlab-caption-panel")  # stable hooks for CSS and browser tests
+        self.gallery.add_class("vlmlab-caption-gallery")
         self.run_button.on_click(lambda _: self.run())
 
     def on_result(self, callback):

@@ -33,6 +33,7 @@ class GpuPicker:
         self.summary = w.HTML()
         self.widget = w.VBox([self.source, w.HBox([self.min_free, self.refresh_button]), self.message, self.rows,
                               self.virtual, self.summary])
+        self.widget.add_class("vlmlab-gpu-picker")  # stable hooks for CSS and browser tests
         for control in (self.source, self.virtual, self.min_free):
             control.observe(self._changed, names="value")
         self.refresh_button.on_click(lambda _: self.refresh())

@@ -63,6 +63,8 @@ class PlanEditor:
             w.HTML("<b>Edit the plan</b> (layers first..last inclusive)"),
             w.HBox([self.layers_first, self.layers_last, self.layers_to, self.move_layers_button]),
             w.HBox([self.module, self.module_to, self.move_module_button])])
+        self.widget.add_class("vlmlab-plan-editor")  # stable hooks for CSS and browser tests
+        self.bars.add_class("vlmlab-plan-bars")
         self.plan_button.on_click(lambda _: self.make_plan())
         self.move_layers_button.on_click(lambda _: self.move_layers())
         self.move_module_button.on_click(lambda _: self.move_module())
