@@ -75,6 +75,13 @@ def test_structure(board):
     for name in ("start_button", "pause_button", "stop_button", "plot", "status"):
         assert hasattr(board.monitor, name), name
     assert hasattr(board.latency, "plot") and hasattr(board.latency, "message")
+    classes = {"vlmlab-dashboard": board.widget, "vlmlab-gpu-picker": board.gpus.widget,
+               "vlmlab-plan-editor": board.planner.widget, "vlmlab-plan-bars": board.planner.bars,
+               "vlmlab-caption-panel": board.captioner.widget, "vlmlab-caption-gallery": board.captioner.gallery,
+               "vlmlab-memory-monitor": board.monitor.widget, "vlmlab-memory-plot": board.monitor.plot,
+               "vlmlab-latency-view": board.latency.widget}
+    for css, widget in classes.items():
+        assert css in widget._dom_classes, css
     assert DEFAULT_MODEL in board.planner.model.options and "llava-1.5-7b" in board.planner.model.options
 
 

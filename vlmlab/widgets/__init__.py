@@ -5,7 +5,8 @@
 
 Stable CSS classes (for styling and browser tests): ``vlmlab-dashboard`` (the root),
 ``vlmlab-gpu-picker``, ``vlmlab-plan-editor``, ``vlmlab-plan-bars`` (the plan picture),
-``vlmlab-caption-panel``, ``vlmlab-caption-gallery`` (holding the result's ``vlmlab-captions`` gallery).
+``vlmlab-caption-panel``, ``vlmlab-caption-gallery`` (holding the result's ``vlmlab-captions`` gallery),
+``vlmlab-memory-monitor``, ``vlmlab-memory-plot``, ``vlmlab-latency-view``.
 """
 from .caption_panel import CaptionPanel
 from .dashboard import Dashboard, close_all, dashboard

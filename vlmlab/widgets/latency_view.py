@@ -14,6 +14,7 @@ class LatencyView:
         self.plot = w.Image(format="png", layout=w.Layout(max_width="720px"))
         self.message = w.HTML(message("No profiled run yet: tick 'profile' in the Caption tab and run."))
         self.widget = w.VBox([self.message, self.plot])
+        self.widget.add_class("vlmlab-latency-view")  # stable hooks for CSS and browser tests
 
     def show(self, profile):
         """Show ``profile`` (a vlmlab.profiling Profile, or a CaptionResult holding one)."""

@@ -33,6 +33,8 @@ class MemoryMonitor:
         self.status = w.HTML(message("stopped"))
         self.widget = w.VBox([w.HBox([self.start_button, self.pause_button, self.stop_button, self.status]),
                               self.plot])
+        self.widget.add_class("vlmlab-memory-monitor")  # stable hooks for CSS and browser tests
+        self.plot.add_class("vlmlab-memory-plot")
         self.start_button.on_click(lambda _: self.start())
         self.pause_button.on_click(lambda _: self.resume() if self.paused else self.pause())
         self.stop_button.on_click(lambda _: self.stop())
