@@ -4,7 +4,8 @@ Threads do not scale here (two thread replicas on 2 H200s were slower than one G
 one CUDA context serialise them); processes do. Workers are *spawned*, never forked — CUDA cannot
 survive a fork, and the notebook kernel must not initialise CUDA before spawning.
 
-Work is handed out in batches from one shared queue, so a faster replica simply takes more.
+Work is handed out in batches from one queue, a batch to whichever worker asks next, so a faster
+replica simply takes more.
 A worker that dies has its in-flight batch re-queued to the survivors and is reported; Ctrl-C
 stops every worker and keeps what is done.
 
@@ -17,11 +18,12 @@ from __future__ import annotations
 import importlib
 import multiprocessing as mp
 import os
-import queue
 import signal
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 
 POLL_S = 0.2
 
@@ -52,14 +54,14 @@ def _resolve(job: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _worker(wid, plan_json, job, job_kwargs, load_kwargs, tasks, results, go):
+def _worker(wid, plan_json, job, job_kwargs, load_kwargs, conn):
+    """Load replica ``wid``, then ask the parent for batches until it sends None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     try:
         from .loading import load
         from .plan import Plan
 
         plan = Plan.from_json(plan_json)
-        devices = plan.replicas[wid].gpus
         if plan.hardware.is_cpu:
             import torch
 
@@ -70,20 +72,16 @@ def _worker(wid, plan_json, job, job_kwargs, load_kwargs, tasks, results, go):
         warmup = job_kwargs.pop("warmup", None)
         if warmup is not None:  # load kernels and allocator pools before the clock starts
             fn(lm, warmup, **job_kwargs)
-        results.put(("ready", wid, time.perf_counter() - t0, os.getpid()))
-        go.wait()
-        while True:
-            task = tasks.get()
-            if task is None:
-                break
+        conn.send(("ready", time.perf_counter() - t0))
+        while (task := conn.recv()) is not None:
             task_id, payload = task
-            results.put(("start", wid, task_id))
-            rows = fn(lm, payload, **job_kwargs)
-            results.put(("done", wid, task_id, rows))
-        results.put(("peaks", wid, _peaks(devices)))
+            conn.send(("done", task_id, fn(lm, payload, **job_kwargs)))
+        conn.send(("peaks", _peaks(plan.replicas[wid].gpus)))
     except BaseException:  # noqa: BLE001 - report anything, then die
-        results.put(("error", wid, traceback.format_exc(limit=8)))
-        raise SystemExit(1) from None
+        try:
+            conn.send(("error", traceback.format_exc(limit=8)))
+        finally:
+            raise SystemExit(1) from None
 
 
 def _peaks(devices) -> dict:
@@ -103,6 +101,98 @@ def _peaks(devices) -> dict:
     return out
 
 
+class _Pool:
+    """The parent's side: one pipe per worker; batches go out one at a time to whoever asks, so the
+    parent always knows which batch each worker holds (a worker's death loses nothing), and a worker
+    killed mid-write can only break its own pipe."""
+
+    def __init__(self, plan, payloads, job, job_kwargs, load_kwargs):
+        ctx = mp.get_context("spawn")
+        self.payloads, self.pending = payloads, deque(range(len(payloads)))
+        self.conns, self.procs, self.inflight, self.done, self.idle = {}, {}, {}, set(), set()
+        self.stats, self.rows = RunStats(workers=len(plan.replicas)), []
+        plan_json = plan.to_json(indent=None)
+        for wid in range(len(plan.replicas)):
+            parent, child = ctx.Pipe()
+            self.conns[wid] = parent
+            self.procs[wid] = ctx.Process(target=_worker, name=f"vlmlab-replica-{wid}", daemon=True,
+                                          args=(wid, plan_json, job, dict(job_kwargs or {}), load_kwargs or {}, child))
+
+    def give(self, wid):
+        """Send ``wid`` its next batch; with none left while others still work, park it (a batch
+        may yet come back from a worker that dies); with nothing left at all, tell it to stop."""
+        task = self.pending.popleft() if self.pending else None
+        if task is None and self.inflight:
+            self.idle.add(wid)
+            return
+        self.idle.discard(wid)
+        if task is not None:
+            self.inflight[wid] = task
+        try:
+            self.conns[wid].send(None if task is None else (task, self.payloads[task]))
+        except OSError:
+            self.lost(wid, "its pipe closed")
+
+    def lost(self, wid, reason):
+        if wid not in self.conns:
+            return
+        del self.conns[wid]
+        self.stats.died.setdefault(wid, reason)
+        task = self.inflight.pop(wid, None)
+        if task is not None and task not in self.done:
+            self.pending.appendleft(task)
+            self.stats.requeued += 1
+        self.stats.warnings.append(f"replica {wid} died ({self.stats.died[wid]}); "
+                                   f"{'its batch went back to the queue' if task is not None else 'it held no batch'}")
+        self.idle.discard(wid)
+        for other in list(self.idle):  # a parked survivor takes the requeued batch (or is told to stop)
+            self.give(other)
+
+    def handle(self, wid, msg, on_rows):
+        kind = msg[0]
+        if kind == "ready":
+            self.stats.load_s[wid] = msg[1]
+        elif kind == "done":
+            self.inflight.pop(wid, None)
+            if msg[1] not in self.done:
+                self.done.add(msg[1])
+                self.stats.batches[wid] = self.stats.batches.get(wid, 0) + 1
+                self.rows.extend(msg[2])
+                if on_rows is not None:
+                    on_rows(msg[2])
+            self.give(wid)
+            if not self.inflight:
+                for other in list(self.idle):  # all done: the parked ones can stop
+                    self.give(other)
+        elif kind == "peaks":
+            for d, b in msg[1].items():
+                self.stats.peaks[d] = max(self.stats.peaks.get(d, 0), b)
+            self.conns.pop(wid, None)
+        elif kind == "error":
+            self.stats.died[wid] = msg[1].strip().splitlines()[-1]
+            self.stats.warnings.append(f"replica {wid} failed:\n{msg[1]}")
+
+    def poll(self, timeout):
+        """Wait for messages or deaths; returns False when nothing happened."""
+        by_conn = {c: w for w, c in self.conns.items()}
+        by_sentinel = {self.procs[w].sentinel: w for w in self.conns}
+        ready = wait(list(by_conn) + list(by_sentinel), timeout=timeout)
+        for r in ready:
+            if r in by_conn and by_conn[r] in self.conns:
+                wid = by_conn[r]
+                try:
+                    while wid in self.conns and self.conns[wid].poll():
+                        self.handle(wid, self.conns[wid].recv(), self.on_rows)
+                except (EOFError, OSError):
+                    self.lost(wid, f"exited with code {self.procs[wid].exitcode}")
+        for r in ready:
+            wid = by_sentinel.get(r)
+            if wid is not None and wid in self.conns:
+                self.procs[wid].join(timeout=1)
+                self.lost(wid, f"exited with code {self.procs[wid].exitcode}")
+        return bool(ready)
+
+
 def run_replicas(plan, payloads: list, job: str, job_kwargs: dict | None = None, on_rows=None,
                  load_kwargs: dict | None = None, start_timeout: float = 600.0) -> tuple[list, RunStats]:
     """Run ``job`` over ``payloads`` (one batch each) on one spawned worker per replica of ``plan``.
@@ -110,106 +200,39 @@ def run_replicas(plan, payloads: list, job: str, job_kwargs: dict | None = None,
     ``on_rows(rows)`` is called in this process as each batch finishes (journal, progress bar).
     Returns (rows in completion order, RunStats).
     """
-    ctx = mp.get_context("spawn")
-    tasks, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    for i, p in enumerate(payloads):
-        tasks.put((i, p))
-    plan_json = plan.to_json(indent=None)
-    procs = {}
-    for wid in range(len(plan.replicas)):
-        procs[wid] = ctx.Process(target=_worker, name=f"vlmlab-replica-{wid}", daemon=True,
-                                 args=(wid, plan_json, job, dict(job_kwargs or {}), load_kwargs or {}, tasks, results, go))
-    stats = RunStats(workers=len(procs))
-    rows_out: list = []
-    done: set = set()
-    inflight: dict = {}  # worker -> task id
-    alive = set(procs)
-    t0 = last_reap = time.perf_counter()
+    pool = _Pool(plan, payloads, job, job_kwargs, load_kwargs)
+    pool.on_rows = on_rows
+    t0 = time.perf_counter()
     t_go = None
-    for p in procs.values():
+    for p in pool.procs.values():
         p.start()
     try:
-        while len(done) < len(payloads):
-            try:
-                msg = results.get(timeout=POLL_S)
-            except queue.Empty:
-                msg = None
-            if time.perf_counter() - last_reap >= POLL_S:
-                last_reap = time.perf_counter()
-                _reap(procs, alive, inflight, done, payloads, tasks, stats)
-                if not alive:
-                    raise WorkerError("every worker died: " + "; ".join(f"replica {w}: {r}" for w, r in stats.died.items()),
-                                      rows_out)
-                if t_go is None and alive <= set(stats.load_s):  # every survivor is loaded: start the clock
-                    go.set()
-                    t_go = time.perf_counter()
-                if t_go is None and time.perf_counter() - t0 > start_timeout:
-                    raise WorkerError(f"not every worker was ready after {start_timeout:.0f} s", rows_out)
-            if msg is None:
-                continue
-            kind, wid = msg[0], msg[1]
-            if kind == "ready":
-                stats.load_s[wid] = msg[2]
-            elif kind == "start":
-                inflight[wid] = msg[2]
-            elif kind == "done":
-                inflight.pop(wid, None)
-                if msg[2] not in done:
-                    done.add(msg[2])
-                    stats.batches[wid] = stats.batches.get(wid, 0) + 1
-                    rows_out.extend(msg[3])
-                    if on_rows is not None:
-                        on_rows(msg[3])
-            elif kind == "error":
-                stats.died[wid] = msg[2].strip().splitlines()[-1]
-                stats.warnings.append(f"replica {wid} failed:\n{msg[2]}")
-        stats.busy_s = time.perf_counter() - (t_go or t0)
-        for _ in procs:
-            tasks.put(None)
-        _collect_peaks(procs, results, stats)
+        while len(pool.done) < len(payloads):
+            pool.poll(POLL_S)
+            if not pool.conns:
+                raise WorkerError("every worker died: " + "; ".join(
+                    f"replica {w}: {r}" for w, r in pool.stats.died.items()), pool.rows)
+            if t_go is None and set(pool.conns) <= set(pool.stats.load_s):  # all survivors loaded: go
+                t_go = time.perf_counter()
+                for wid in list(pool.conns):
+                    pool.give(wid)
+            if t_go is None and time.perf_counter() - t0 > start_timeout:
+                raise WorkerError(f"not every worker was ready after {start_timeout:.0f} s", pool.rows)
+        pool.stats.busy_s = time.perf_counter() - t_go
+        deadline = time.perf_counter() + 30
+        while pool.conns and time.perf_counter() < deadline:  # idle workers were told to stop: read their peaks
+            pool.poll(POLL_S)
     except KeyboardInterrupt:
-        stats.warnings.append("interrupted: workers stopped, finished batches kept")
+        pool.stats.warnings.append("interrupted: workers stopped, finished batches kept")
         raise
     finally:
-        for p in procs.values():
-            if p.is_alive():
-                p.join(timeout=0 if len(done) < len(payloads) else 10)
+        for p in pool.procs.values():
+            p.join(timeout=5 if len(pool.done) == len(payloads) else 0)
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
-        stats.wall_s = time.perf_counter() - t0
-    return rows_out, stats
-
-
-def _reap(procs, alive, inflight, done, payloads, tasks, stats):
-    """Notice dead workers; put their in-flight batch back on the queue for the survivors."""
-    for wid in list(alive):
-        p = procs[wid]
-        if p.is_alive():
-            continue
-        alive.discard(wid)
-        stats.died.setdefault(wid, f"exited with code {p.exitcode}")
-        task_id = inflight.pop(wid, None)
-        if task_id is not None and task_id not in done:
-            tasks.put((task_id, payloads[task_id]))
-            stats.requeued += 1
-        stats.warnings.append(f"replica {wid} died ({stats.died[wid]}); "
-                              f"{'its batch went back to the queue' if task_id is not None else 'it held no batch'}")
-
-
-def _collect_peaks(procs, results, stats, timeout=30.0):
-    waiting = {w for w, p in procs.items() if p.is_alive() or p.exitcode == 0}
-    deadline = time.perf_counter() + timeout
-    while waiting and time.perf_counter() < deadline:
-        try:
-            msg = results.get(timeout=POLL_S)
-        except queue.Empty:
-            waiting = {w for w in waiting if procs[w].is_alive()}
-            continue
-        if msg[0] == "peaks":
-            waiting.discard(msg[1])
-            for d, b in msg[2].items():
-                stats.peaks[d] = max(stats.peaks.get(d, 0), b)
+        pool.stats.wall_s = time.perf_counter() - t0
+    return pool.rows, pool.stats
 
 
 def run_in_process(lm, payloads: list, job: str, job_kwargs: dict | None = None, on_rows=None) -> tuple[list, RunStats]:
