@@ -335,3 +335,16 @@ def test_gpu_indices_select_from_this_machine(monkeypatch):
     p = vlmlab.plan("llava-1.5-7b", [1, 2], strategy="single")
     assert [g.index for g in p.hardware] == [1, 2]
     assert p.replicas[0].gpus == [1]  # the H100, the most free of the two chosen
+
+
+def test_hybrid_without_gpus_per_replica_makes_replicas_of_split_groups():
+    p = vlmlab.plan("llava-1.5-7b", gpus="4x24GiB", strategy="hybrid", batch_size=4)
+    assert p.strategy == "hybrid"
+    assert [r.gpus for r in p.replicas] == [[0, 1], [2, 3]]
+
+
+def test_hybrid_needs_four_devices_and_gpus_per_replica_only_for_hybrid():
+    with pytest.raises(ValueError, match="at least 4 devices"):
+        vlmlab.plan("llava-1.5-7b", gpus="2x80GiB", strategy="hybrid")
+    with pytest.raises(ValueError, match="gpus_per_replica applies to strategy 'hybrid'"):
+        vlmlab.plan("llava-1.5-7b", gpus="2x80GiB", strategy="split", gpus_per_replica=2)

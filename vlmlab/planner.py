@@ -30,6 +30,8 @@ def plan(model=None, gpus=None, strategy: str = "auto", dtype: str = "bfloat16",
     CPU when there are none; or a Hardware / a virtual spec such as ``"2x24GiB"``)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if gpus_per_replica is not None and strategy not in ("hybrid", "auto"):
+        raise ValueError(f"gpus_per_replica applies to strategy 'hybrid' (or 'auto'), not {strategy!r}")
     for label, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be a positive integer, got {value!r}")
@@ -132,7 +134,13 @@ class _Planner:
             if parts is None:
                 raise PlanError(self.no_fit(f"split over all {n} device(s)", self.devices))
             return [self._group(self.devices, parts)], "split" if n > 1 else "single"
-        sizes = [per_replica] if strategy == "hybrid" and per_replica is not None else range(1, n + 1)
+        if strategy == "hybrid" and per_replica is None:  # replicas of split groups: >= 2 GPUs each, >= 2 groups
+            if n < 4:
+                raise ValueError(f"hybrid needs at least 4 devices (2 replicas x 2 GPUs), got {n}; "
+                                 "use strategy='split' or 'replicate'")
+            sizes = range(2, n // 2 + 1)
+        else:
+            sizes = [per_replica] if per_replica is not None else range(1, n + 1)
         for k in sizes:
             if k < 1 or k > n:
                 raise ValueError(f"gpus_per_replica must be between 1 and {n}, got {k}")
