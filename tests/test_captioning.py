@@ -114,7 +114,8 @@ def test_broken_files_become_rows_and_good_images_are_captioned(lm, tmp_path):
     broken.pop("folder.jpg")
     assert len(broken) >= 10 and len(set(broken.values())) >= 7
     inputs = [tmp_path, tmp_path / "missing.jpg"]  # the folder scan + a path that does not exist
-    result = vlmlab.caption(inputs, model=lm, batch_size=4, progress=False)
+    # off-distribution images make the tiny model ramble to the token limit: 8 is enough here
+    result = vlmlab.caption(inputs, model=lm, batch_size=8, max_new_tokens=8, progress=False)
     rows = {r["image"]: r for r in result}
     assert len(rows) == len(result) == len(valid) + len(broken)  # one row per input
     assert set(rows) == {str(tmp_path / n) for n in {**valid, **broken}}
@@ -266,7 +267,7 @@ def test_oom_at_batch_one_becomes_an_oom_row(lm, scenes, monkeypatch):
 
 # ------------------------------------------------------------------------------- model forms
 def test_model_as_loaded_model_plan_and_name_reuse_the_loaded_copy(lm, scenes, baseline):
-    paths = list(scenes)[:2]
+    paths = list(scenes)[:1]
     want = {k: baseline[k] for k in paths}
     for model in (lm, lm.plan, DEFAULT_MODEL, "tiny-captioner", str(BUNDLED[DEFAULT_MODEL]), None):
         assert vlmlab.caption(paths, model=model, progress=False).captions == want, model

@@ -161,6 +161,8 @@ def caption_batch(loaded_model, images: list, prompt: str, max_new_tokens: int) 
     text = build_prompt(processor, prompt)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"  # decoder-only batching: the new tokens follow every prompt directly
+    if getattr(tokenizer, "pad_token", "") is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # e.g. Llama tokenizers ship without one
     inputs = processor(images=list(images), text=[text] * len(images), return_tensors="pt", padding=True)
     inputs = inputs.to(lm.input_device)
     model_dtype = getattr(lm.model, "dtype", None)
