@@ -41,8 +41,12 @@ def main(argv=None):
         runs.append(("replicate", hw.select(indices=[0, 1, 2, 3])))
     rows = []
     for strategy, gpus in runs:
-        r = bench(args.model, strategies=[strategy], batch_sizes=[args.batch_size], gpus=gpus, n_images=args.images,
-                  max_new_tokens=args.new_tokens, dtype="bfloat16", random_weights=True, progress=False)
+        try:
+            r = bench(args.model, strategies=[strategy], batch_sizes=[args.batch_size], gpus=gpus, n_images=args.images,
+                      max_new_tokens=args.new_tokens, dtype="bfloat16", random_weights=True, progress=False)
+        except Exception as err:  # noqa: BLE001 - report it and measure the other strategies
+            print(f"{strategy:<9} on {len(gpus)} GPU(s): FAILED {type(err).__name__}: {err}")
+            continue
         row = r.rows[0]
         row["n_gpus"] = len(gpus)
         rows.append(row)
@@ -52,6 +56,8 @@ def main(argv=None):
             pred = row["predicted"].get(d, 0)
             print(f"    GPU{d}: measured peak {b / 2**30:6.2f} GiB, predicted {pred / 2**30:6.2f} GiB "
                   f"({100 * (pred - b) / b:+.1f}%)")
+    if not rows:
+        return
     base = rows[0]["images_per_s"]
     print("# speed-up over single (images/s):")
     for row in rows:
