@@ -383,3 +383,12 @@ def test_caption_items_is_the_worker_seam(lm, scenes, baseline, monkeypatch, tmp
         assert [r["error_kind"] for r in rows] == [None] * 4 + ["not_found"]
     finally:
         lm.__dict__.pop("_caption_state", None)
+
+
+def test_batch_functions_default_the_prompt_like_caption(lm, scenes, baseline):
+    from vlmlab.images import collect
+
+    rows = captioning.caption_items(lm, collect(list(scenes)[:2]))  # prompt/max_new_tokens None, as bench passes
+    assert {r["image"]: r["caption"] for r in rows} == {k: baseline[k] for k in list(scenes)[:2]}
+    out = captioning.caption_batch(lm, [Image.open(list(scenes)[0]).convert("RGB")], None, None)
+    assert out == [{"caption": baseline[list(scenes)[0]], "n_tokens": 6}]

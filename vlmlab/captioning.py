@@ -145,8 +145,9 @@ def caption(images, model=None, prompt: str | None = None, batch_size: int = 8, 
     return result
 
 
-def caption_batch(loaded_model, images: list, prompt: str, max_new_tokens: int) -> list[dict]:
+def caption_batch(loaded_model, images: list, prompt: str | None, max_new_tokens: int | None) -> list[dict]:
     """Caption a list of RGB PIL images in one ``generate`` call: ``[{"caption", "n_tokens"}, ...]``.
+    ``prompt`` / ``max_new_tokens`` None: the model's defaults (as in :func:`caption`).
 
     The only place that runs the model; worker processes call exactly this. Raises what the model
     raises (an out-of-memory error included): retrying is the caller's business.
@@ -158,6 +159,10 @@ def caption_batch(loaded_model, images: list, prompt: str, max_new_tokens: int) 
     if processor is None:
         raise ValueError(f"{lm.name} has no processor (loaded with random_weights=True?): it cannot caption "
                          f"images. Load it with its weights, e.g. vlmlab.load({lm.name!r}).")
+    if prompt is None or max_new_tokens is None:
+        target = _Target(lm, None, None)
+        prompt = target.default_prompt() if prompt is None else prompt
+        max_new_tokens = target.default_max_new_tokens() if max_new_tokens is None else max_new_tokens
     text = build_prompt(processor, prompt)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"  # decoder-only batching: the new tokens follow every prompt directly
@@ -182,7 +187,7 @@ def caption_batch(loaded_model, images: list, prompt: str, max_new_tokens: int) 
     return [{"caption": t.strip(), "n_tokens": _count_tokens(ids, stop, pad)} for t, ids in zip(texts, new.tolist())]
 
 
-def caption_items(loaded_model, items: list[ImageItem], prompt: str, max_new_tokens: int,
+def caption_items(loaded_model, items: list[ImageItem], prompt: str | None = None, max_new_tokens: int | None = None,
                   batch_size: int | None = None, state=None) -> list[dict]:
     """Rows for ``items`` (one each, in order): open every image, caption the good ones with
     :func:`caption_batch` in batches of ``batch_size`` (default: all at once), halving on OOM.
@@ -193,6 +198,10 @@ def caption_items(loaded_model, items: list[ImageItem], prompt: str, max_new_tok
     """
     if state is None:
         state = loaded_model.__dict__.setdefault("_caption_state", _State(limit=sys.maxsize))
+    if prompt is None or max_new_tokens is None:  # resolved once here, not per batch
+        target = _Target(loaded_model, None, None)
+        prompt = target.default_prompt() if prompt is None else prompt
+        max_new_tokens = target.default_max_new_tokens() if max_new_tokens is None else max_new_tokens
     opened = _open_all(items)
     size = batch_size or max(len(opened), 1)
     rows = []
