@@ -115,7 +115,7 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt) ->
     if random_weights:
         per_batch = [min(batch_size, n - s) for s in range(0, n, batch_size)]
         payloads, job = per_batch, "vlmlab.bench:synthetic_batch"
-        kwargs = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "warmup": min(batch_size, 2)}
+        kwargs = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "warmup": batch_size}  # a full batch: kernels and allocator pools at steady state
     else:
         payloads = [items[s:s + batch_size] for s in range(0, n, batch_size)]
         job = "vlmlab.captioning:caption_items"
