@@ -117,6 +117,10 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt) ->
         payloads, job = per_batch, "vlmlab.bench:synthetic_batch"
         kwargs = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "warmup": batch_size}  # a full batch: kernels and allocator pools at steady state
     else:
+        from .captioning import _Target  # the same defaults caption() uses for this model
+
+        target = _Target(p, None, None)
+        prompt = prompt or target.default_prompt()
         payloads = [items[s:s + batch_size] for s in range(0, n, batch_size)]
         job = "vlmlab.captioning:caption_items"
         kwargs = {"prompt": prompt, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "warmup": items[:1]}
