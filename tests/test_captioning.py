@@ -271,6 +271,7 @@ def test_model_as_loaded_model_plan_and_name_reuse_the_loaded_copy(lm, scenes, b
     want = {k: baseline[k] for k in paths}
     for model in (lm, lm.plan, DEFAULT_MODEL, "tiny-captioner", str(BUNDLED[DEFAULT_MODEL]), None):
         assert vlmlab.caption(paths, model=model, progress=False).captions == want, model
+    assert vlmlab.caption(paths, gpus="cpu", progress=False).captions == want  # on the CPU: that copy
     assert len(loaded()) == 1 and loaded()[0] is lm
 
 

@@ -295,12 +295,21 @@ class _Target:
                 continue
             if self.dtype is not None and m.dtype != _canonical(self.dtype):
                 continue
-            if isinstance(self.gpus, (list, tuple)) and not set(self.gpus) <= set(m.devices):
+            if self.gpus is not None and not set(self._wanted_devices()) <= set(m.devices):
                 continue
-            if self.gpus is not None and not isinstance(self.gpus, (list, tuple)):
-                continue  # a hardware spec: plan and load as asked
             return m
         return None
+
+    def _wanted_devices(self) -> list:
+        """The devices ``gpus`` asks for: indices, ["cpu"] for a CPU spec; a virtual GPU box matches nothing."""
+        if isinstance(self.gpus, (list, tuple)):
+            return list(self.gpus)
+        from .hardware import gpus as get_gpus
+
+        hw = get_gpus(self.gpus)
+        if hw.is_cpu:
+            return ["cpu"]
+        return [g.device for g in hw] if hw.source != "virtual" else [object()]
 
     def _load(self):
         from .loading import load
