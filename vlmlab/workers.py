@@ -209,7 +209,7 @@ def run_replicas(plan, payloads: list, job: str, job_kwargs: dict | None = None,
     try:
         while len(pool.done) < len(payloads):
             pool.poll(POLL_S)
-            if not pool.conns:
+            if not pool.conns and len(pool.done) < len(payloads):
                 raise WorkerError("every worker died: " + "; ".join(
                     f"replica {w}: {r}" for w, r in pool.stats.died.items()), pool.rows)
             if t_go is None and set(pool.conns) <= set(pool.stats.load_s):  # all survivors loaded: go
