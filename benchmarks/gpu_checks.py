@@ -30,7 +30,7 @@ def main() -> int:
     import transformers
 
     import vlmlab
-    from vlmlab.spec import PACKAGE_DIR
+    from vlmlab.modelspec import PACKAGE_DIR
 
     ok = True
     print(f"# {datetime.date.today()}, {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, "
@@ -50,7 +50,7 @@ def main() -> int:
 
 def _bundled(samples):
     import vlmlab
-    from vlmlab.spec import PACKAGE_DIR
+    from vlmlab.modelspec import PACKAGE_DIR
 
     reference = json.loads((PACKAGE_DIR / "samples" / "captions.json").read_text())
     lm = vlmlab.load(gpus=[0], dtype="bfloat16")

@@ -26,7 +26,7 @@ def main(argv=None):
     import transformers
 
     import vlmlab
-    from vlmlab.bench import bench
+    from vlmlab.benchmark import bench
 
     hw = vlmlab.gpus()
     n = len(hw)

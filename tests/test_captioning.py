@@ -19,7 +19,7 @@ from vlmlab import captioning, synth
 from vlmlab.captioning import SAMPLES_DIR, JournalMismatchError
 from vlmlab.journal import Journal
 from vlmlab.loading import loaded, unload
-from vlmlab.spec import BUNDLED, DEFAULT_MODEL
+from vlmlab.modelspec import BUNDLED, DEFAULT_MODEL
 from tests.badimages import make_broken_zoo, make_valid_zoo
 
 pytestmark = pytest.mark.skipif(not (BUNDLED[DEFAULT_MODEL] / "config.json").exists(),

@@ -16,8 +16,8 @@ from vlmlab.captioning import SAMPLES_DIR
 from vlmlab.cli import main
 from vlmlab.journal import Journal
 from vlmlab.loading import loaded, unload
-from vlmlab.plan import Plan
-from vlmlab.spec import BUNDLED, DEFAULT_MODEL
+from vlmlab.plans import Plan
+from vlmlab.modelspec import BUNDLED, DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 needs_bundled = pytest.mark.skipif(not (BUNDLED[DEFAULT_MODEL] / "config.json").exists(),

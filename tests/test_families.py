@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import vlmlab
 from vlmlab.families import COLOCATED, FAMILIES, ROLES, family_for
-from vlmlab.spec import build
+from vlmlab.modelspec import build
 
 LLM = "model.language_model"
 # catalogue name -> (family, {role: expected names}, image tokens per image at the default resolution)

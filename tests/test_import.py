@@ -40,22 +40,23 @@ print(json.dumps({"n": len(hw), "torch": "torch" in sys.modules, "transformers":
 
 
 def test_api_names_stay_functions_after_their_submodules_are_imported():
-    # vlmlab.spec and vlmlab.plan are both API functions and submodules; importing the submodules
-    # (as the planner does) must not replace the functions
+    # the API functions spec/plan/bench live in modules of other names (modelspec, plans, benchmark),
+    # so importing those submodules (as the planner does) cannot replace the functions
     r = run("""
 import json, types
 import vlmlab
 first = type(vlmlab.spec).__name__
-import vlmlab.planner, vlmlab.devicemap, vlmlab.plan, vlmlab.spec
-from vlmlab.plan import Plan
-from vlmlab.spec import ModelSpec
+import vlmlab.planner, vlmlab.devicemap, vlmlab.plans, vlmlab.modelspec, vlmlab.benchmark
+from vlmlab.plans import Plan
+from vlmlab.modelspec import ModelSpec
 print(json.dumps({"first": first, "spec": callable(vlmlab.spec) and not isinstance(vlmlab.spec, types.ModuleType),
                   "plan": callable(vlmlab.plan) and not isinstance(vlmlab.plan, types.ModuleType),
+                  "bench": callable(vlmlab.bench) and not isinstance(vlmlab.bench, types.ModuleType),
                   "plan_is_planner": vlmlab.plan is vlmlab.planner.plan, "Plan": vlmlab.Plan is Plan,
                   "ModelSpec": vlmlab.ModelSpec is ModelSpec}))
 """)
-    assert r == {"first": "function", "spec": True, "plan": True, "plan_is_planner": True, "Plan": True,
-                 "ModelSpec": True}
+    assert r == {"first": "function", "spec": True, "plan": True, "bench": True, "plan_is_planner": True,
+                 "Plan": True, "ModelSpec": True}
 
 
 def test_plan_then_spec_in_one_session():

@@ -12,7 +12,7 @@ import torch
 import vlmlab
 from vlmlab import synth
 from vlmlab.loading import AlreadyLoadedError, find, loaded, unload
-from vlmlab.spec import BUNDLED, DEFAULT_MODEL
+from vlmlab.modelspec import BUNDLED, DEFAULT_MODEL
 
 FOLDER = BUNDLED[DEFAULT_MODEL]
 needs_bundled = pytest.mark.skipif(not (FOLDER / "config.json").exists(),

@@ -16,7 +16,7 @@ from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 
 import vlmlab  # noqa: E402
 from vlmlab import magics  # noqa: E402
-from vlmlab.spec import BUNDLED, DEFAULT_MODEL, PACKAGE_DIR  # noqa: E402
+from vlmlab.modelspec import BUNDLED, DEFAULT_MODEL, PACKAGE_DIR  # noqa: E402
 
 HAVE_CAPTIONER = (BUNDLED[DEFAULT_MODEL] / "config.json").is_file()
 SAMPLES = PACKAGE_DIR / "samples"

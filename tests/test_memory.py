@@ -11,7 +11,7 @@ from vlmlab import memory
 from vlmlab.memory import (DeviceLoad, Workload, canonical_dtype, compute_bytes, device_memory,
                            embedding_activation_bytes, kv_bytes_per_layer, logits_bytes,
                            prefill_activation_bytes, vision_activation_bytes, weight_bytes)
-from vlmlab.spec import Dims, Unit
+from vlmlab.modelspec import Dims, Unit
 
 GiB = 1024**3
 

@@ -6,7 +6,7 @@ import pytest
 import vlmlab
 from vlmlab.devicemap import DeviceMapError
 from vlmlab.hardware import fmt_bytes
-from vlmlab.plan import Plan
+from vlmlab.plans import Plan
 
 LLM = "model.language_model"
 GiB = 1024**3

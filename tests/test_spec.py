@@ -5,7 +5,7 @@ import pytest
 
 import vlmlab
 from vlmlab import catalog
-from vlmlab.spec import BUNDLED, DEFAULT_MODEL, COMPONENTS, Dims, ModelSpec
+from vlmlab.modelspec import BUNDLED, DEFAULT_MODEL, COMPONENTS, Dims, ModelSpec
 
 LLM = "model.language_model"
 

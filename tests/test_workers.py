@@ -84,7 +84,7 @@ def test_keyboard_interrupt_stops_workers_and_keeps_what_is_done(tiny_llava):
 def test_hybrid_runs_split_replicas_in_workers(tiny_llava):
     p = _plan(tiny_llava, spec="4xcpu", strategy="hybrid", gpus_per_replica=2)
     assert p.strategy == "hybrid" and [len(r.gpus) for r in p.replicas] == [2, 2]
-    rows, stats = workers.run_replicas(p, [1] * 8, "vlmlab.bench:synthetic_batch",
+    rows, stats = workers.run_replicas(p, [1] * 8, "vlmlab.benchmark:synthetic_batch",
                                        {"batch_size": 1, "max_new_tokens": 3}, load_kwargs={"random_weights": True})
     assert len(rows) == 8 and all(r["n_tokens"] == 3 for r in rows)
     assert not stats.died
@@ -101,7 +101,7 @@ def test_bench_compares_strategies_on_cpu_workers(tiny_llava):
 
 
 def test_caption_with_a_replicate_plan_matches_in_process_captions():
-    from vlmlab.spec import BUNDLED, DEFAULT_MODEL, PACKAGE_DIR
+    from vlmlab.modelspec import BUNDLED, DEFAULT_MODEL, PACKAGE_DIR
 
     if not (BUNDLED[DEFAULT_MODEL] / "config.json").exists():
         pytest.skip("the bundled captioner is not there")

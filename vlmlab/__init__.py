@@ -7,8 +7,6 @@ needs on first use, so loading the extension is fast and never initialises CUDA.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
@@ -17,11 +15,11 @@ _API = {
     "gpus": ("hardware", "gpus"),
     "Hardware": ("hardware", "Hardware"),
     "Gpu": ("hardware", "Gpu"),
-    "spec": ("spec", "spec"),
-    "ModelSpec": ("spec", "ModelSpec"),
-    "DEFAULT_MODEL": ("spec", "DEFAULT_MODEL"),
+    "spec": ("modelspec", "spec"),
+    "ModelSpec": ("modelspec", "ModelSpec"),
+    "DEFAULT_MODEL": ("modelspec", "DEFAULT_MODEL"),
     "plan": ("planner", "plan"),
-    "Plan": ("plan", "Plan"),
+    "Plan": ("plans", "Plan"),
     "PlanError": ("planner", "PlanError"),
     "DeviceMapError": ("devicemap", "DeviceMapError"),
     "load": ("loading", "load"),
@@ -29,12 +27,12 @@ _API = {
     "unload": ("loading", "unload"),
     "LoadedModel": ("loading", "LoadedModel"),
     "AlreadyLoadedError": ("loading", "AlreadyLoadedError"),
-    "bench": ("bench", "bench"),
+    "bench": ("benchmark", "bench"),
     "profile": ("profile_run", "profile"),
     "Profiler": ("profiling", "Profiler"),
     "Profile": ("profiling", "Profile"),
     "MemorySampler": ("profiling", "MemorySampler"),
-    "BenchResult": ("bench", "BenchResult"),
+    "BenchResult": ("benchmark", "BenchResult"),
     "dashboard": ("widgets", "dashboard"),
     "caption": ("captioning", "caption"),
     "CaptionResult": ("results", "CaptionResult"),
@@ -54,20 +52,6 @@ def __getattr__(name):
 
 def __dir__():
     return __all__
-
-
-class _Package(types.ModuleType):
-    """Importing the submodule ``vlmlab.spec`` (or ``vlmlab.plan``) makes Python set it as an
-    attribute of the package, which would hide the API function of the same name: after
-    ``vlmlab.plan(...)``, ``vlmlab.spec`` was the module. Those submodules stay in sys.modules."""
-
-    def __setattr__(self, name, value):
-        if name in _API and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def load_ipython_extension(ipython):

@@ -76,7 +76,7 @@ def caption(images, model=None, prompt: str | None = None, batch_size: int = 8, 
     """Caption ``images`` (a file, folder, list, PIL image or dataset: whatever
     :func:`vlmlab.images.collect` accepts) and return a :class:`CaptionResult`, one row per input.
 
-    ``model``: None (the bundled captioner), a name or folder, a :class:`~vlmlab.plan.Plan` or a
+    ``model``: None (the bundled captioner), a name or folder, a :class:`~vlmlab.plans.Plan` or a
     :class:`~vlmlab.loading.LoadedModel`. An already-loaded copy of the same model is reused; a
     model loaded here stays loaded (``vlmlab.unload()`` frees it). A plan with several replicas runs
     one worker process per replica (``vlmlab.workers``). ``gpus``/``dtype`` are used when the
@@ -227,7 +227,7 @@ class _Target:
 
     def __init__(self, model, gpus, dtype):
         from .loading import LoadedModel
-        from .plan import Plan
+        from .plans import Plan
 
         self.gpus, self.dtype = gpus, dtype
         self.lm = None
@@ -244,7 +244,7 @@ class _Target:
             model.validate()
             self.plan, self.name, self._spec = model, model.model, model._spec()
         else:
-            from .spec import spec
+            from .modelspec import spec
 
             self._spec = spec(model)
             self.name = self._spec.name
@@ -255,7 +255,7 @@ class _Target:
 
     @property
     def is_tiny(self) -> bool:
-        from .spec import DEFAULT_MODEL
+        from .modelspec import DEFAULT_MODEL
 
         if self.name == DEFAULT_MODEL:
             return True

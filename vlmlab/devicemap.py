@@ -9,7 +9,7 @@ import difflib
 
 from .hardware import fmt_bytes
 from .memory import DeviceLoad, Workload
-from .spec import ModelSpec, Unit
+from .modelspec import ModelSpec, Unit
 
 OFFLOAD = ("cpu", "disk")
 

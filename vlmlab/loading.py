@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .hardware import fmt_bytes
 from .memory import canonical_dtype
-from .plan import Plan
+from .plans import Plan
 
 _REGISTRY: list["LoadedModel"] = []
 
@@ -69,7 +69,7 @@ def loaded() -> list[LoadedModel]:
 
 def unload(model=None) -> int:
     """Unload a LoadedModel, every model of a name, or (None) everything; returns how many."""
-    from .spec import spec as get_spec
+    from .modelspec import spec as get_spec
 
     if model is None:
         targets = list(_REGISTRY)
@@ -149,7 +149,7 @@ def _path_of(name) -> str | None:
     import os
     from pathlib import Path
 
-    from .spec import BUNDLED
+    from .modelspec import BUNDLED
 
     if name in BUNDLED:
         return str(BUNDLED[name].resolve())
@@ -245,7 +245,7 @@ def _random(ms, dm, dtype):
     import torch
     from accelerate import dispatch_model
 
-    from .spec import _meta_model
+    from .modelspec import _meta_model
 
     model = _meta_model(ms.config, ms.trust_remote_code)
     tdtype = _torch_dtype(dtype)

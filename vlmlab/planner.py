@@ -13,8 +13,8 @@ from __future__ import annotations
 from .devicemap import DeviceMapError, check, describe
 from .hardware import Hardware, fmt_bytes, gpus as get_gpus
 from .memory import DTYPES, DeviceLoad, Workload, canonical_dtype
-from .plan import Plan, Replica
-from .spec import ModelSpec, spec as get_spec
+from .plans import Plan, Replica
+from .modelspec import ModelSpec, spec as get_spec
 
 STRATEGIES = ("auto", "single", "split", "replicate", "hybrid")
 

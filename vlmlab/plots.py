@@ -16,7 +16,7 @@ def _figure(ax, figsize):
 
 def plan_bars(plan, ax=None, figsize=(7, 4)):
     """One stacked bar per device: weights by role, KV cache, activations, context, free; a capacity line."""
-    from .plan import PICTURE
+    from .plans import PICTURE
 
     fig, ax = _figure(ax, figsize)
     indices = sorted(plan.memory)

@@ -17,7 +17,7 @@ def profile(model=None, images=None, prompt: str | None = None, gpus=None, strat
     download), then is unloaded. Returns a :class:`vlmlab.profiling.Profile`."""
     from .captioning import caption
     from .planner import _hardware, plan as make_plan
-    from .plan import Plan
+    from .plans import Plan
 
     if isinstance(model, Plan):
         p = model
@@ -32,7 +32,7 @@ def profile(model=None, images=None, prompt: str | None = None, gpus=None, strat
                          f"({p.strategy}); use vlmlab.bench(strategies=['{p.strategy}']) to measure replicated runs")
     if random_weights:
         return _random_weights_run(p, batch_size, max_new_tokens or p.max_new_tokens, n_images)
-    from .spec import PACKAGE_DIR
+    from .modelspec import PACKAGE_DIR
 
     result = caption(images if images is not None else PACKAGE_DIR / "samples", model=p, prompt=prompt,
                      batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, profile=True)
@@ -43,7 +43,7 @@ def profile(model=None, images=None, prompt: str | None = None, gpus=None, strat
 
 
 def _random_weights_run(p, batch_size, max_new_tokens, n_images):
-    from .bench import synthetic_batch
+    from .benchmark import synthetic_batch
     from .loading import load, unload
     from .profiling import Profiler
 

@@ -11,7 +11,7 @@ stops every worker and keeps what is done.
 
 A *job* is ``"module:function"`` called in the worker as ``function(loaded_model, payload, **kwargs)``
 and returning a list of row dicts; ``vlmlab.captioning:caption_items`` captions images and
-``vlmlab.bench:synthetic_batch`` runs caption-shaped generates on random-weight models.
+``vlmlab.benchmark:synthetic_batch`` runs caption-shaped generates on random-weight models.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def _worker(wid, plan_json, job, job_kwargs, load_kwargs, conn):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     try:
         from .loading import load
-        from .plan import Plan
+        from .plans import Plan
 
         plan = Plan.from_json(plan_json)
         if plan.hardware.is_cpu:

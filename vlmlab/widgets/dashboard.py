@@ -100,7 +100,7 @@ class Dashboard:
 
 
 def _samples() -> str:
-    from vlmlab.spec import PACKAGE_DIR
+    from vlmlab.modelspec import PACKAGE_DIR
 
     folder = PACKAGE_DIR / "samples"
     return str(folder) if folder.is_dir() else ""

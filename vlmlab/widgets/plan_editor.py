@@ -16,7 +16,7 @@ DTYPES = [("auto", None), ("bfloat16", "bfloat16"), ("float16", "float16"), ("fl
 
 def model_names() -> list[str]:
     from vlmlab import catalog
-    from vlmlab.spec import DEFAULT_MODEL
+    from vlmlab.modelspec import DEFAULT_MODEL
 
     return [DEFAULT_MODEL] + catalog.names()
 

@@ -114,7 +114,7 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt) ->
 
     if random_weights:
         per_batch = [min(batch_size, n - s) for s in range(0, n, batch_size)]
-        payloads, job = per_batch, "vlmlab.bench:synthetic_batch"
+        payloads, job = per_batch, "vlmlab.benchmark:synthetic_batch"
         kwargs = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "warmup": batch_size}  # a full batch: kernels and allocator pools at steady state
     else:
         from .captioning import _Target  # the same defaults caption() uses for this model
@@ -163,6 +163,6 @@ def _reset_peaks(devices):
 
 
 def _samples():
-    from .spec import PACKAGE_DIR
+    from .modelspec import PACKAGE_DIR
 
     return PACKAGE_DIR / "samples"

@@ -151,7 +151,7 @@ class Plan:
 
     def _spec(self):
         if self.spec is None:
-            from .spec import spec as resolve
+            from .modelspec import spec as resolve
 
             self.spec = resolve(self.model)
         return self.spec
