@@ -58,7 +58,9 @@ class Dashboard:
         if plan is not None and plan.ok and run_on is not None and (not plan.hardware.virtual or plan.hardware.is_cpu):
             kwargs["model"] = plan
         else:
-            kwargs.update(model=self.planner.model.value.strip() or None, gpus=run_on, dtype=self.planner.dtype.value)
+            dtype = self.planner.dtype.value
+            kwargs.update(model=self.planner.model.value.strip() or None, gpus=run_on,
+                          dtype=None if dtype == "auto" else dtype)
         return kwargs
 
     def _monitored(self) -> list:

@@ -10,7 +10,8 @@ import ipywidgets as w
 from .common import message, notes, png
 
 STRATEGIES = ("auto", "single", "split", "replicate", "hybrid")
-DTYPES = [("auto", None), ("bfloat16", "bfloat16"), ("float16", "float16"), ("float32", "float32"),
+DTYPES = [("auto", "auto"),  # "auto": leave dtype to the API (a None value would show a blank dropdown)
+          ("bfloat16", "bfloat16"), ("float16", "float16"), ("float32", "float32"),
           ("int8", "int8"), ("int4", "int4")]
 
 
@@ -38,7 +39,7 @@ class PlanEditor:
         self.model = w.Combobox(options=names, value=model or names[0], description="model", ensure_option=False,
                                 placeholder="catalogue name, folder or Hub id", layout=w.Layout(width="28em"))
         self.strategy = w.Dropdown(options=STRATEGIES, value="auto", description="strategy")
-        self.dtype = w.Dropdown(options=DTYPES, value=dtype if dtype in dict(DTYPES).values() else None,
+        self.dtype = w.Dropdown(options=DTYPES, value=dtype if dtype in dict(DTYPES).values() else "auto",
                                 description="dtype")
         self.batch_size = w.BoundedIntText(value=batch_size or 8, min=1, max=65536, description="batch size")
         self.max_new_tokens = w.BoundedIntText(value=64, min=1, max=65536, description="new tokens")
@@ -80,7 +81,7 @@ class PlanEditor:
 
         kwargs = dict(strategy=self.strategy.value, batch_size=self.batch_size.value,
                       max_new_tokens=self.max_new_tokens.value)
-        if self.dtype.value is not None:
+        if self.dtype.value != "auto":
             kwargs["dtype"] = self.dtype.value
         self.notes.value = message("planning…")
         try:
