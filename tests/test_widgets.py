@@ -371,3 +371,11 @@ def test_close_leaves_no_thread_behind():
     close_all()  # what %unload_ext vlmlab does
     assert not monitor_threads()
     assert boards[1].widget.comm is None  # closed
+
+
+def test_dtype_auto_is_shown_and_leaves_the_dtype_to_the_api(board):
+    assert board.planner.dtype.value == "auto" and board.planner.dtype.label == "auto"
+    assert board.planner.plan is None  # no plan on screen: the Caption tab runs the model by name
+    assert board._caption_settings()["dtype"] is None
+    board.planner.dtype.value = "float32"
+    assert board._caption_settings()["dtype"] == "float32"
