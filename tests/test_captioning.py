@@ -27,14 +27,6 @@ pytestmark = pytest.mark.skipif(not (BUNDLED[DEFAULT_MODEL] / "config.json").exi
 
 
 @pytest.fixture(scope="module")
-def lm():
-    unload()
-    model = vlmlab.load()
-    yield model
-    unload()
-
-
-@pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     """10 synthetic scenes (a different seed from the shipped samples): {path: reference caption}."""
     folder = tmp_path_factory.mktemp("scenes")

@@ -15,22 +15,13 @@ from vlmlab import synth
 from vlmlab.captioning import SAMPLES_DIR
 from vlmlab.cli import main
 from vlmlab.journal import Journal
-from vlmlab.loading import loaded, unload
+from vlmlab.loading import loaded
 from vlmlab.plans import Plan
 from vlmlab.modelspec import BUNDLED, DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 needs_bundled = pytest.mark.skipif(not (BUNDLED[DEFAULT_MODEL] / "config.json").exists(),
                                    reason="the bundled captioner is not trained yet (scripts/train_captioner.py)")
-
-
-@pytest.fixture(scope="module")
-def lm():
-    """One loaded captioner for the module: ``vlmlab caption`` in this process reuses it."""
-    unload()
-    model = vlmlab.load()
-    yield model
-    unload()
 
 
 @pytest.fixture(scope="module")

@@ -140,8 +140,8 @@ def test_help_for_each_subcommand(ip, capsys, sub):
 
 @pytest.mark.parametrize("line, says", [
     ("plann", "Did you mean 'plan'"),
-    ("plan --batch-size 0", "--batch-size: must be at least 1"),
-    ("plan --batch-size many", "'many' is not an integer"),
+    ("plan --batch-size 0", "--batch-size: expected a positive integer, got '0'"),
+    ("plan --batch-size many", "expected a positive integer, got 'many'"),
     ("plan --strategy sideways", "invalid choice: 'sideways'"),
     ("plan --no-such-flag", "unrecognized arguments: --no-such-flag"),
     ("plan a b", "unrecognized arguments: b"),

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from .argtypes import positive_int
+
 USAGE_ERRORS = (ValueError, TypeError, KeyError, LookupError, OSError, ImportError, RuntimeError)
 DEMO_MODEL, DEMO_GPUS, DEMO_STRATEGY = "llava-1.5-7b", "2x24GiB", "split"
 
@@ -39,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
     c.add_argument("--model", default=None, help="a model name or folder (default: the bundled tiny captioner)")
     c.add_argument("--out", default=None, help="JSONL journal, appended per batch; a rerun resumes it")
-    c.add_argument("--batch-size", type=_positive, default=8)
+    c.add_argument("--batch-size", type=positive_int, default=8)
     c.add_argument("--prompt", default=None, help="the question (default: the model family's captioning prompt)")
-    c.add_argument("--max-new-tokens", type=_positive, default=None)
+    c.add_argument("--max-new-tokens", type=positive_int, default=None)
     c.add_argument("--no-resume", dest="resume", action="store_false",
                    help="refuse to continue an existing journal instead of resuming it")
     c.add_argument("--gpus", default=None, help="GPU indices ('0,1') or 'cpu' (default: this machine)")
@@ -59,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpus", default=None, help="a virtual box ('2x24GiB') or indices ('0,1'); default: this machine")
     pl.add_argument("--strategy", default="auto", help="auto, single, split, replicate, hybrid")
     pl.add_argument("--dtype", default="bfloat16")
-    pl.add_argument("--batch-size", type=_positive, default=1)
-    pl.add_argument("--max-new-tokens", type=_positive, default=64)
-    pl.add_argument("--gpus-per-replica", type=_positive, default=None)
+    pl.add_argument("--batch-size", type=positive_int, default=1)
+    pl.add_argument("--max-new-tokens", type=positive_int, default=64)
+    pl.add_argument("--gpus-per-replica", type=positive_int, default=None)
     pl.add_argument("--json", default=None, metavar="FILE", help="save the plan as JSON")
     pl.add_argument("--picture", default=None, metavar="FILE", help="save the plan as a picture (.png, .svg)")
     return p
@@ -166,16 +168,6 @@ def _plan(args) -> int:
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _positive(text) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _gpu_arg(text):
     """'0,1' -> [0, 1] (this machine's GPUs); anything else is a hardware spec or None."""
     if text is None:

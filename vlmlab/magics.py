@@ -22,6 +22,8 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from traitlets import Float, Int, Unicode
 
+from .argtypes import positive_int
+
 STRATEGIES = ("auto", "single", "split", "replicate", "hybrid")  # validated again by the API
 
 USAGE = """\
@@ -109,16 +111,6 @@ def device_map_arg(text: str) -> dict:
         value = value["replicas"][0]["device_map"]
     if not isinstance(value, dict) or not value:
         raise argparse.ArgumentTypeError("a device map is a JSON object {module: device}, e.g. '{\"\": 0}'")
-    return value
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 

@@ -202,7 +202,6 @@ def _units(model, roles, tied) -> list[Unit]:
     import torch.nn as nn
 
     members = {m: r for r, ms in roles.items() for m in ms}
-    layer_roots = roles["layers"]
     by_len = sorted(members, key=len, reverse=True)
 
     def owner(name):
