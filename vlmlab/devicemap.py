@@ -153,7 +153,7 @@ def _colocation(spec: ModelSpec, placed: dict, dm: dict) -> list[str]:
         return []
     detail = ", ".join(f"{role} on {_fmt_devices(d)}" for role, d in where.items())
     return [f"co-location broken: {detail}. The vision tower, projector and token embeddings must share one "
-            "device — split there, generate fails with 'Expected all tensors to be on the same device'"]
+            "device — split there, generate can fail with 'Expected all tensors to be on the same device'"]
 
 
 def _no_split(spec: ModelSpec, placed: dict) -> list[str]:
