@@ -294,6 +294,6 @@ def _init(p, device, dtype, gen, pname, mod=None):
         return torch.ones(p.shape, dtype=dtype, device=device)
     if pname == "bias":
         return torch.zeros(p.shape, dtype=dtype, device=device)
-    t = torch.empty(p.shape, dtype=dtype, device=device)
-    return t.normal_(0.0, 0.02, generator=None) if device.type != "cpu" else t.copy_(
-        torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02))
+    if device.type == "cpu":  # seeded, so CPU runs are repeatable
+        return torch.randn(p.shape, generator=gen).mul_(0.02).to(dtype)
+    return torch.empty(p.shape, dtype=dtype, device=device).normal_(0.0, 0.02)
