@@ -31,7 +31,7 @@ _API = {
     "profile": ("profile_run", "profile"),
     "Profiler": ("profiling", "Profiler"),
     "Profile": ("profiling", "Profile"),
-    "MemorySampler": ("profiling", "MemorySampler"),
+    "MemorySampler": ("sampler", "MemorySampler"),
     "BenchResult": ("benchmark", "BenchResult"),
     "dashboard": ("widgets", "dashboard"),
     "caption": ("captioning", "caption"),

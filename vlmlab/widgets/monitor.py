@@ -54,7 +54,7 @@ class MemoryMonitor:
 
     # ---- control -------------------------------------------------------------------------------
     def start(self):
-        from vlmlab.profiling import MemorySampler
+        from vlmlab.sampler import MemorySampler
 
         with self._lock:
             if self.running:
