@@ -62,10 +62,11 @@ def _worker(wid, plan_json, job, job_kwargs, load_kwargs, conn):
         from .plans import Plan
 
         plan = Plan.from_json(plan_json)
-        if plan.hardware.is_cpu:
-            import torch
+        import torch
 
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(plan.replicas)))
+        # Each process would otherwise start one intra-op thread per core: N workers oversubscribe
+        # the host N times, and on GPUs their spinning threads delay the kernel-launching main thread.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(plan.replicas)))
         t0 = time.perf_counter()
         lm = load(plan, replica=wid, **load_kwargs)
         fn = _resolve(job)
