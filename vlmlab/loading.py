@@ -134,6 +134,16 @@ def load(model=None, gpus=None, strategy: str = "single", dtype: str | None = No
     return lm
 
 
+def find(name, devices=None) -> LoadedModel | None:
+    """The most recent loaded copy of ``name`` (on ``devices`` if given). A folder and the name it
+    was loaded by (e.g. the bundled captioner's folder and "vlmlab/tiny-captioner") are the same model."""
+    path = _path_of(name)
+    for m in reversed(_REGISTRY):
+        if _same_model(m, name, path) and (devices is None or set(devices) <= set(m.devices)):
+            return m
+    return None
+
+
 def _path_of(name) -> str | None:
     """The resolved folder of a bundled name or a local folder; None for catalogue names and Hub ids."""
     import os
