@@ -21,6 +21,7 @@ from .argtypes import positive_int
 
 USAGE_ERRORS = (ValueError, TypeError, KeyError, LookupError, OSError, ImportError, RuntimeError)
 DEMO_MODEL, DEMO_GPUS, DEMO_STRATEGY = "llava-1.5-7b", "2x24GiB", "split"
+DEMO_BATCH, DEMO_NEW_TOKENS = 16, 32  # the README picture's workload
 
 
 class UsageError(Exception):
@@ -133,8 +134,10 @@ def _demo(args) -> int:
     print("\n2. GPUs on this machine")
     print(_indent(_hardware_text(vlmlab.gpus())))
 
-    print(f"\n3. Planning {DEMO_MODEL} on a virtual {DEMO_GPUS} box, strategy {DEMO_STRATEGY}")
-    plan = vlmlab.plan(DEMO_MODEL, gpus=DEMO_GPUS, strategy=DEMO_STRATEGY, dtype="bfloat16")
+    print(f"\n3. Planning {DEMO_MODEL} on a virtual {DEMO_GPUS} box, strategy {DEMO_STRATEGY}, "
+          f"batch {DEMO_BATCH}, {DEMO_NEW_TOKENS} new tokens")
+    plan = vlmlab.plan(DEMO_MODEL, gpus=DEMO_GPUS, strategy=DEMO_STRATEGY, dtype="bfloat16", batch_size=DEMO_BATCH,
+                       max_new_tokens=DEMO_NEW_TOKENS)
     print(_indent(_plan_text(plan)))
     out_dir.mkdir(parents=True, exist_ok=True)
     picture = out_dir / f"plan-{DEMO_MODEL}-{DEMO_GPUS}.png"
