@@ -2,7 +2,8 @@
 
 llava-1.5-7b shape with random weights, bf16, batch 16, 32 new tokens, the same number of
 caption-shaped prompts for every strategy, all measured in the same run by ``vlmlab.bench``.
-Replicas run in spawned worker processes (one per GPU).
+Every strategy runs in spawned worker processes (one per replica; single and split too, with
+``isolate=True``), so no process's memory shows up in another's measured peak.
 
     python benchmarks/gpu_strategies.py --images 256 --json out.json
 """
@@ -43,7 +44,8 @@ def main(argv=None):
     for strategy, gpus in runs:
         try:
             r = bench(args.model, strategies=[strategy], batch_sizes=[args.batch_size], gpus=gpus, n_images=args.images,
-                      max_new_tokens=args.new_tokens, dtype="bfloat16", random_weights=True, progress=False)
+                      max_new_tokens=args.new_tokens, dtype="bfloat16", random_weights=True, progress=False,
+                      isolate=True)
         except Exception as err:  # noqa: BLE001 - report it and measure the other strategies
             print(f"{strategy:<9} on {len(gpus)} GPU(s): FAILED {type(err).__name__}: {err}")
             continue

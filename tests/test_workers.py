@@ -112,3 +112,20 @@ def test_caption_with_a_replicate_plan_matches_in_process_captions():
     assert len(remote) == len(samples)
     assert remote.captions == local.captions
     assert set(remote.to_pandas()["error"].isna()) == {True}
+
+
+def test_bench_isolate_runs_single_in_a_worker_process(tiny_llava, monkeypatch):
+    from vlmlab import loading
+
+    def no_load_here(*args, **kwargs):
+        raise AssertionError("isolate=True must not load the model in this process")
+
+    monkeypatch.setattr(loading, "load", no_load_here)  # the spawned worker imports its own, unpatched
+    r = vlmlab.bench(tiny_llava, strategies=["single"], batch_sizes=[2], gpus="2xcpu", random_weights=True,
+                     n_images=4, max_new_tokens=2, progress=False, isolate=True)
+    row = r.rows[0]
+    assert row["strategy"] == "single" and row["replicas"] == 1 and row["images"] == 4 and row["died"] == 0
+    assert not mp.active_children()
+    with pytest.raises(AssertionError, match="must not load"):  # and without isolate it does load here
+        vlmlab.bench(tiny_llava, strategies=["single"], batch_sizes=[2], gpus="2xcpu", random_weights=True,
+                     n_images=2, max_new_tokens=2, progress=False)

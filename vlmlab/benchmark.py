@@ -79,8 +79,11 @@ class BenchResult:
 
 def bench(model=None, strategies=("single", "replicate"), batch_sizes=(8,), gpus=None, images=None, n_images=None,
           max_new_tokens: int | None = None, dtype: str | None = None, random_weights: bool = False,
-          prompt: str | None = None, progress: bool = True) -> BenchResult:
-    """Run the same images (default: the bundled samples) under each strategy and batch size."""
+          prompt: str | None = None, progress: bool = True, isolate: bool = False) -> BenchResult:
+    """Run the same images (default: the bundled samples) under each strategy and batch size.
+
+    ``isolate=True`` runs ``single`` and ``split`` in a worker process too, so this process never
+    holds GPU memory and each run's measured peaks are its own."""
     from tqdm.auto import tqdm
 
     from .planner import _hardware, plan as make_plan
@@ -103,11 +106,11 @@ def bench(model=None, strategies=("single", "replicate"), batch_sizes=(8,), gpus
         bar.set_postfix_str(f"{strategy} b{batch_size}")
         p = make_plan(model, gpus=hw, strategy=strategy, dtype=dtype, batch_size=batch_size, max_new_tokens=max_new_tokens)
         result.plans[(strategy, batch_size)] = p
-        result.rows.append(_run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt))
+        result.rows.append(_run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, isolate))
     return result
 
 
-def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt) -> dict:
+def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, isolate=False) -> dict:
     import numpy as np
 
     from . import workers
@@ -124,7 +127,7 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt) ->
         payloads = [items[s:s + batch_size] for s in range(0, n, batch_size)]
         job = "vlmlab.captioning:caption_items"
         kwargs = {"prompt": prompt, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "warmup": items[:1]}
-    if len(p.replicas) > 1:
+    if len(p.replicas) > 1 or isolate:
         rows, stats = workers.run_replicas(p, payloads, job, kwargs, load_kwargs={"random_weights": random_weights})
     else:
         from .loading import load, unload
