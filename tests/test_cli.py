@@ -42,7 +42,7 @@ def _one_line_error(capsys) -> str:
 def test_gpus_virtual_box(capsys):
     assert main(["gpus", "2x24GiB"]) == 0
     out = capsys.readouterr().out
-    assert "2 device(s) (virtual)" in out and "GPU1: 24GIB, 24.0 GiB free of 24.0 GiB" in out
+    assert "2 device(s) (virtual)" in out and "GPU1: virtual 24 GiB, 24.0 GiB free of 24.0 GiB" in out
 
 
 def test_gpus_this_machine(capsys):

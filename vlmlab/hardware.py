@@ -43,6 +43,8 @@ ALIASES = {"a100": "a100-80gb", "h100": "h100-80gb", "h200-141gb": "h200", "v100
 
 _UNITS = {"": GiB, "g": GiB, "gib": GiB, "gb": GB, "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
           "t": 1024**4, "tib": 1024**4, "tb": 1000**4}
+_UNIT_NAMES = {"": "GiB", "g": "GiB", "gib": "GiB", "gb": "GB", "m": "MiB", "mib": "MiB", "mb": "MB",
+               "t": "TiB", "tib": "TiB", "tb": "TB"}
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([a-z]*)$")
 _COUNT = re.compile(r"^(\d+)\s*[x×*]\s*(.+)$")
 
@@ -177,9 +179,12 @@ def _card(token: str) -> tuple[str, int, float | None]:
     if key in CARDS:
         return CARDS[key]
     try:
-        return (token.upper(), parse_size(token), None)
+        size = parse_size(token)
     except ValueError:
         pass
+    else:
+        number, unit = _SIZE.match(token).groups()
+        return (f"virtual {number} {_UNIT_NAMES[unit]}", size, None)
     import difflib
 
     close = difflib.get_close_matches(key, list(CARDS) + list(ALIASES), n=3)
