@@ -364,3 +364,12 @@ UUIDS = ["GPU-aaaa1111-0000", "GPU-bbbb2222-0000", "GPU-cccc3333-0000", "GPU-ddd
 ])
 def test_visible_nvml_indices(visible, expected):
     assert visible_nvml_indices(visible, UUIDS) == expected
+
+
+@pytest.mark.parametrize("name, bandwidth", [("NVIDIA A100-SXM4-80GB", 2039), ("NVIDIA A100-PCIE-40GB", 1555),
+                                             ("NVIDIA H100 80GB HBM3", 3350), ("NVIDIA L40S", 864), ("NVIDIA L4", 300),
+                                             ("Tesla V100-SXM2-16GB", 900), ("Unknown Accelerator", None)])
+def test_bandwidth_of_real_card_names_prefers_the_matching_memory_size(name, bandwidth):
+    from vlmlab.hardware import _bandwidth_of
+
+    assert _bandwidth_of(name) == bandwidth

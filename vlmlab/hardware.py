@@ -315,10 +315,10 @@ def _bandwidth_of(name: str) -> float | None:
     for display, _, bw in CARDS.values():
         if within(display.lower(), low) or within(low, display.lower()):
             return bw
-    for key, (_, _, bw) in CARDS.items():
-        if within(key.split("-")[0], low) or within(key.split("-")[0], low.replace(" ", "")):
-            return bw
-    return None
+    squashed = low.replace(" ", "")
+    family = [k for k in CARDS if within(k.split("-")[0], low) or within(k.split("-")[0], squashed)]
+    sized = [k for k in family if "-" in k and k.split("-", 1)[1] in squashed]  # "A100-SXM4-80GB" -> a100-80gb
+    return CARDS[(sized or family)[0]][2] if family else None
 
 
 def _str(x) -> str:
