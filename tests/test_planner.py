@@ -348,3 +348,10 @@ def test_hybrid_needs_four_devices_and_gpus_per_replica_only_for_hybrid():
         vlmlab.plan("llava-1.5-7b", gpus="2x80GiB", strategy="hybrid")
     with pytest.raises(ValueError, match="gpus_per_replica applies to strategy 'hybrid'"):
         vlmlab.plan("llava-1.5-7b", gpus="2x80GiB", strategy="split", gpus_per_replica=2)
+
+
+def test_advice_combines_a_lower_dtype_with_a_split_when_neither_alone_fits():
+    with pytest.raises(PlanError) as err:
+        vlmlab.plan("llava-1.5-7b", gpus="2x4GiB", strategy="split")
+    assert "dtype='int4' with strategy='split' over 2 devices" in str(err.value)
+    assert vlmlab.plan("llava-1.5-7b", gpus="2x4GiB", strategy="split", dtype="int4").ok

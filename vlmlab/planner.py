@@ -210,6 +210,11 @@ class _Planner:
             b //= 2
         if len(self.hw) > 1 and self.split(list(self.hw)) is not None:
             out.append(f"strategy='split' over {len(self.hw)} devices")
+        elif len(self.hw) > 1:  # a lower dtype and a split together
+            for d in (x for x in ("int8", "int4") if order.index(x) > order.index(self.dtype)):
+                if _Planner(self.ms, self.hw, self.work, d).split(list(self.hw)) is not None:
+                    out.append(f"dtype={d!r} with strategy='split' over {len(self.hw)} devices")
+                    break
         per_device = max(g.free for g in self.hw)
         k = int(-(-self.whole(largest) // (per_device * 0.9)))
         out.append(f"more or larger GPUs: about {max(k, 2)} devices of {fmt_bytes(per_device)} with strategy='split'")
