@@ -455,3 +455,16 @@ def test_dataset_decode_failure_is_an_image_error():
     items = collect(Exploding([{"image": None}]))
     e = _error(items[0])
     assert e.kind == "corrupt" and "dataset:0" in str(e)
+
+
+def test_a_folder_named_like_an_image_is_an_error_row_not_an_abort(tmp_path):
+    from vlmlab.images import ImageError, collect, open_image
+
+    (tmp_path / "shot.jpg").mkdir()
+    good = tmp_path / "ok.png"
+    Image.new("RGB", (4, 4)).save(good)
+    items = collect([good, tmp_path / "shot.jpg"])
+    assert [it.key for it in items] == [str(good), str(tmp_path / "shot.jpg")]
+    with pytest.raises(ImageError) as err:
+        open_image(items[1])
+    assert err.value.kind == "is_a_directory"

@@ -127,8 +127,9 @@ def _type_name(obj: Any) -> str:
 
 
 def _expand_path(path: Path) -> list[Path]:
-    """A folder becomes its images; anything else (even missing) stays itself."""
-    if not path.is_dir():
+    """A folder becomes its images; anything else (even missing) stays itself. A folder named like
+    an image ("x.jpg/") stays itself too: it was meant as a file, and becomes an is_a_directory row."""
+    if not path.is_dir() or path.suffix.lower() in IMAGE_EXTENSIONS:
         return [path]
     found, others = [], []
     for root, dirs, files in os.walk(path):  # does not follow folder symlinks
