@@ -107,11 +107,11 @@ class _Pool:
     parent always knows which batch each worker holds (a worker's death loses nothing), and a worker
     killed mid-write can only break its own pipe."""
 
-    def __init__(self, plan, payloads, job, job_kwargs, load_kwargs):
+    def __init__(self, plan, payloads, job, job_kwargs, load_kwargs, on_rows=None):
         ctx = mp.get_context("spawn")
         self.payloads, self.pending = payloads, deque(range(len(payloads)))
         self.conns, self.procs, self.inflight, self.done, self.idle = {}, {}, {}, set(), set()
-        self.stats, self.rows = RunStats(workers=len(plan.replicas)), []
+        self.stats, self.rows, self.on_rows = RunStats(workers=len(plan.replicas)), [], on_rows
         plan_json = plan.to_json(indent=None)
         for wid in range(len(plan.replicas)):
             parent, child = ctx.Pipe()
@@ -149,7 +149,7 @@ class _Pool:
         for other in list(self.idle):  # a parked survivor takes the requeued batch (or is told to stop)
             self.give(other)
 
-    def handle(self, wid, msg, on_rows):
+    def handle(self, wid, msg):
         kind = msg[0]
         if kind == "ready":
             self.stats.load_s[wid] = msg[1]
@@ -159,8 +159,8 @@ class _Pool:
                 self.done.add(msg[1])
                 self.stats.batches[wid] = self.stats.batches.get(wid, 0) + 1
                 self.rows.extend(msg[2])
-                if on_rows is not None:
-                    on_rows(msg[2])
+                if self.on_rows is not None:
+                    self.on_rows(msg[2])
             self.give(wid)
             if not self.inflight:
                 for other in list(self.idle):  # all done: the parked ones can stop
@@ -183,7 +183,7 @@ class _Pool:
                 wid = by_conn[r]
                 try:
                     while wid in self.conns and self.conns[wid].poll():
-                        self.handle(wid, self.conns[wid].recv(), self.on_rows)
+                        self.handle(wid, self.conns[wid].recv())
                 except (EOFError, OSError):
                     self.lost(wid, f"exited with code {self.procs[wid].exitcode}")
         for r in ready:
@@ -201,8 +201,7 @@ def run_replicas(plan, payloads: list, job: str, job_kwargs: dict | None = None,
     ``on_rows(rows)`` is called in this process as each batch finishes (journal, progress bar).
     Returns (rows in completion order, RunStats).
     """
-    pool = _Pool(plan, payloads, job, job_kwargs, load_kwargs)
-    pool.on_rows = on_rows
+    pool = _Pool(plan, payloads, job, job_kwargs, load_kwargs, on_rows)
     t0 = time.perf_counter()
     t_go = None
     for p in pool.procs.values():
