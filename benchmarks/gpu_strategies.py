@@ -5,7 +5,7 @@ caption-shaped prompts for every strategy, all measured in the same run by ``vlm
 Every strategy runs in spawned worker processes (one per replica; single and split too, with
 ``isolate=True``), so no process's memory shows up in another's measured peak.
 
-    python benchmarks/gpu_strategies.py --images 256 --json out.json
+    python benchmarks/gpu_strategies.py --images 512 --json out.json
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import json
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llava-1.5-7b")
-    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--json", default=None)
@@ -39,7 +39,7 @@ def main(argv=None):
     runs = [("single", hw.select(indices=[0])), ("split", hw.select(indices=[0, 1])),
             ("replicate", hw.select(indices=[0, 1]))]
     if n >= 4:
-        runs.append(("replicate", hw.select(indices=[0, 1, 2, 3])))
+        runs += [("replicate", hw.select(indices=[0, 1, 2, 3])), ("hybrid", hw.select(indices=[0, 1, 2, 3]))]
     rows = []
     for strategy, gpus in runs:
         try:
@@ -52,7 +52,7 @@ def main(argv=None):
         row = r.rows[0]
         row["n_gpus"] = len(gpus)
         rows.append(row)
-        print(f"{strategy:<9} on {len(gpus)} GPU(s): {row['images_per_s']:7.1f} images/s, {row['tokens_per_s']:8.0f} tokens/s, "
+        print(f"{strategy:<9} on {len(gpus)} GPU(s), {row['replicas']} replica(s): {row['images_per_s']:7.1f} images/s, {row['tokens_per_s']:8.0f} tokens/s, "
               f"batch p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, errors {row['errors']}, died {row['died']}")
         for d, b in sorted(row.get("peaks", {}).items()):
             pred = row["predicted"].get(d, 0)
@@ -63,7 +63,8 @@ def main(argv=None):
     base = rows[0]["images_per_s"]
     print("# speed-up over single (images/s):")
     for row in rows:
-        print(f"#   {row['strategy']:<9} x{row['n_gpus']}: {row['images_per_s'] / base:.2f}x")
+        print(f"#   {row['strategy']:<9} x{row['n_gpus']}: {row['images_per_s'] / base:.2f}x "
+              f"(batch p50 {row['p50_ms'] / rows[0]['p50_ms']:.2f}x single's)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "args": vars(args), "rows": rows}, f, indent=1)

@@ -29,8 +29,26 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def build(size: str, device: str, dtype: str = "float32"):
+def build_catalogue(name: str, device: str, dtype: str, batch: int):
+    """A catalogue model at full size (random weights) through vlmlab's own loader, on one device."""
     import torch
+
+    import vlmlab
+    from vlmlab.loading import load
+    from vlmlab.synthetic import caption_inputs
+
+    gpus = f"1x{device.split(':')[0]}" if device == "cpu" else vlmlab.gpus().select(indices=[int(device.split(":")[1])])
+    p = vlmlab.plan(name, gpus=gpus, strategy="single", dtype=dtype, batch_size=batch)
+    lm = load(p, random_weights=True, force=True)
+    inputs = caption_inputs(p._spec(), batch, 16, device=lm.input_device, dtype=getattr(torch, dtype))
+    return lm.model, inputs, sum(t.numel() for t in lm.model.parameters())
+
+
+def build(size: str, device: str, dtype: str = "float32", batch: int = 1):
+    import torch
+
+    if size not in ("small", "medium", "tiny"):
+        return build_catalogue(size, device, dtype, batch)
     from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     if size == "small":  # ~24M parameters: layers cost what real (if small) layers cost
@@ -48,6 +66,8 @@ def build(size: str, device: str, dtype: str = "float32"):
                                   image_size=32, patch_size=8, projection_dim=32)
         text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
                            num_key_value_heads=1, vocab_size=128, max_position_embeddings=512)
+    if batch != 1:
+        raise SystemExit("--batch applies to catalogue models (--size llava-1.5-7b)")
     image_token = text.vocab_size - 1
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token, vision_feature_layer=-2,
                       image_seq_length=(vision.image_size // vision.patch_size) ** 2)
@@ -95,7 +115,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=21, help="timed runs of each variant")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--size", choices=["small", "tiny", "medium"], default="small")
+    ap.add_argument("--size", default="small",
+                    help="small, tiny, medium (built here), or a catalogue model such as llava-1.5-7b (random weights)")
+    ap.add_argument("--batch", type=int, default=1, help="prompts per generate (catalogue models only)")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -114,7 +136,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    model, inputs, n_params = build(args.size, args.device, dtype)
+    model, inputs, n_params = build(args.size, args.device, dtype, args.batch)
     n = args.new_tokens
     gen = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
@@ -170,7 +192,7 @@ def main(argv=None):
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, Python {platform.python_version()}, "
           f"device {args.device}; load average at end {os.getloadavg()[0]:.1f} (the machine is shared)")
     print(f"# model: random-weight LLaVA '{args.size}' ({n_params / 1e6:.1f} M parameters: CLIP vision tower + Llama, "
-          f"{model.config.text_config.num_hidden_layers} decoder layers, {dtype}), batch 1, "
+          f"{model.config.text_config.num_hidden_layers} decoder layers, {dtype}), batch {inputs['input_ids'].shape[0]}, "
           f"{inputs['input_ids'].shape[1]} prompt tokens, {n} new tokens; {args.repeats} interleaved repeats")
     print(f"# profiler: memory sampled every {args.interval * 1000:.0f} ms; detail='layers' hooks every decoder layer, "
           f"detail='devices' only each device's first and last layer")

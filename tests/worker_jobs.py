@@ -23,3 +23,12 @@ def die_on_replica_1(lm, payload, delay=0.02):
 
 def always_die(lm, payload):
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def report_cores(lm, payload, delay=0.05):
+    """Which cores and how many torch threads this worker was given."""
+    import torch
+
+    time.sleep(delay)
+    return [{"image": str(payload), "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)),
+             "threads": torch.get_num_threads(), "error": None, "latency_ms": delay * 1000}]

@@ -147,7 +147,9 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, is
            "tokens_per_s": tokens / stats.busy_s if stats.busy_s else float("nan"),
            "p50_ms": float(np.percentile(lat, 50)) if lat else float("nan"),
            "p95_ms": float(np.percentile(lat, 95)) if lat else float("nan"),
-           "errors": sum(1 for r in rows if r.get("error")), "died": len(stats.died)}
+           "errors": sum(1 for r in rows if r.get("error")), "died": len(stats.died),
+           "load_s": max(stats.load_s.values(), default=float("nan")),
+           "batches_per_worker": ",".join(str(stats.batches[w]) for w in sorted(stats.batches))}
     if stats.peaks:
         worst = max(stats.peaks, key=lambda d: stats.peaks[d] / predicted.get(d, 1))
         out.update(peak_gib=stats.peaks[worst] / GiB, predicted_gib=predicted.get(worst, 0) / GiB,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing as mp
-import os
 import signal
 import time
 import traceback
@@ -62,11 +61,11 @@ def _worker(wid, plan_json, job, job_kwargs, load_kwargs, conn):
         from .plans import Plan
 
         plan = Plan.from_json(plan_json)
-        import torch
+        from .affinity import pin_worker
 
-        # Each process would otherwise start one intra-op thread per core: N workers oversubscribe
-        # the host N times, and on GPUs their spinning threads delay the kernel-launching main thread.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(plan.replicas)))
+        # Each process would otherwise start one intra-op thread per core on any core: N workers
+        # oversubscribe the host N times and delay each other's kernel-launching main thread.
+        pin_worker(plan, wid)
         t0 = time.perf_counter()
         lm = load(plan, replica=wid, **load_kwargs)
         fn = _resolve(job)
