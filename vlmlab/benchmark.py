@@ -30,7 +30,7 @@ def synthetic_batch(lm, n_images: int, batch_size: int = 1, max_new_tokens: int 
         with torch.inference_mode():
             out = lm.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
         if lm.input_device.startswith("cuda"):
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(lm.input_device)
         ms = 1000 * (time.perf_counter() - t0)
         new = out.shape[1] - inputs["input_ids"].shape[1]
         rows += [{"image": f"synthetic:{start + i}", "caption": "", "error": None, "n_tokens": int(new),
@@ -148,6 +148,7 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, is
            "p50_ms": float(np.percentile(lat, 50)) if lat else float("nan"),
            "p95_ms": float(np.percentile(lat, 95)) if lat else float("nan"),
            "errors": sum(1 for r in rows if r.get("error")), "died": len(stats.died),
+           "steady_images_per_s": sum(stats.worker_rows[w] / stats.worker_s[w] for w in stats.worker_s if stats.worker_s[w]),
            "load_s": max(stats.load_s.values(), default=float("nan")),
            "batches_per_worker": ",".join(str(stats.batches[w]) for w in sorted(stats.batches))}
     if stats.peaks:

@@ -45,6 +45,9 @@ class RunStats:
     peaks: dict = field(default_factory=dict)  # device -> peak bytes seen by a worker (reserved + context)
     wall_s: float = 0.0
     busy_s: float = 0.0  # from the go signal (every worker loaded) to the last batch done
+    worker_s: dict = field(default_factory=dict)  # worker -> seconds from the go signal to its last batch done
+    worker_rows: dict = field(default_factory=dict)  # worker -> rows it returned
+    go_at: float | None = None  # time.perf_counter() of the go signal
     warnings: list = field(default_factory=list)
 
 
@@ -61,11 +64,16 @@ def _worker(wid, plan_json, job, job_kwargs, load_kwargs, conn):
         from .plans import Plan
 
         plan = Plan.from_json(plan_json)
+        import torch
+
         from .affinity import pin_worker
 
         # Each process would otherwise start one intra-op thread per core on any core: N workers
         # oversubscribe the host N times and delay each other's kernel-launching main thread.
         pin_worker(plan, wid)
+        cuda = [g for g in plan.replicas[wid].gpus if getattr(plan.hardware.by_index(g), "kind", None) == "cuda"]
+        if cuda:  # else a device-less CUDA call (synchronize, mem_get_info) opens a context on GPU 0
+            torch.cuda.set_device(cuda[0])
         t0 = time.perf_counter()
         lm = load(plan, replica=wid, **load_kwargs)
         fn = _resolve(job)
@@ -157,6 +165,9 @@ class _Pool:
             if msg[1] not in self.done:
                 self.done.add(msg[1])
                 self.stats.batches[wid] = self.stats.batches.get(wid, 0) + 1
+                self.stats.worker_rows[wid] = self.stats.worker_rows.get(wid, 0) + len(msg[2])
+                if self.stats.go_at is not None:
+                    self.stats.worker_s[wid] = time.perf_counter() - self.stats.go_at
                 self.rows.extend(msg[2])
                 if self.on_rows is not None:
                     self.on_rows(msg[2])
@@ -212,7 +223,7 @@ def run_replicas(plan, payloads: list, job: str, job_kwargs: dict | None = None,
                 raise WorkerError("every worker died: " + "; ".join(
                     f"replica {w}: {r}" for w, r in pool.stats.died.items()), pool.rows)
             if t_go is None and set(pool.conns) <= set(pool.stats.load_s):  # all survivors loaded: go
-                t_go = time.perf_counter()
+                t_go = pool.stats.go_at = time.perf_counter()
                 for wid in list(pool.conns):
                     pool.give(wid)
             if t_go is None and time.perf_counter() - t0 > start_timeout:
@@ -249,5 +260,6 @@ def run_in_process(lm, payloads: list, job: str, job_kwargs: dict | None = None,
             on_rows(rows)
     stats.wall_s = stats.busy_s = time.perf_counter() - t0
     stats.batches[0] = len(payloads)
+    stats.worker_s[0], stats.worker_rows[0] = stats.busy_s, len(rows_out)
     stats.peaks = _peaks(lm.devices)
     return rows_out, stats
