@@ -464,3 +464,14 @@ def test_cuda_split_over_two_gpus(model):
     q = prof.result()
     assert q.device_ms[0]["decode"]["layers"] > 0 and q.device_ms[1]["decode"]["layers"] > 0
     print("\n", p, {d: round(ms, 2) for d, ms in p.forward_ms().items()})
+
+
+def test_default_detail_is_per_device_on_cuda_and_per_layer_on_cpu(model):
+    from vlmlab.profiling import auto_detail
+
+    assert auto_detail(["cpu"]) == "layers"
+    assert auto_detail([0]) == "devices"
+    assert auto_detail([0, 1]) == "devices"
+    with Profiler(model, interval=0.005) as prof:  # the CPU model of this file: every layer timed
+        pass
+    assert prof.detail == "layers"
