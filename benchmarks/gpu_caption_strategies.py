@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -28,8 +30,11 @@ def main(argv=None):
     from vlmlab.modelspec import PACKAGE_DIR
 
     reference = json.loads((PACKAGE_DIR / "samples" / "captions.json").read_text())
-    samples = sorted((PACKAGE_DIR / "samples").glob("*.png"))
-    images = samples * args.repeat
+    folder = Path(tempfile.mkdtemp(prefix="vlmlab-samples-"))
+    for k in range(args.repeat):  # distinct files: the same path twice is one image to caption()
+        for src in sorted((PACKAGE_DIR / "samples").glob("*.png")):
+            shutil.copy(src, folder / f"copy{k:02d}_{src.name}")
+    images = sorted(folder.glob("*.png"))
     hw = vlmlab.gpus(args.gpus)
     print(f"# {datetime.date.today().isoformat()}, {len(hw)}x {hw[0].name if len(hw) else 'none'}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}; {len(images)} images, batch {args.batch_size}")
@@ -40,16 +45,17 @@ def main(argv=None):
         if len(idx) > len(hw):
             continue
         p = vlmlab.plan(gpus=hw.select(indices=idx), strategy=strategy, batch_size=args.batch_size, **kw)
-        r = vlmlab.caption(images, model=p, progress=False, profile=True)
+        r = vlmlab.caption(images, model=p, batch_size=args.batch_size, progress=False, profile=True)
         df = r.to_pandas()
-        hits = sum(reference.get(Path(str(i)).name) == c for i, c in zip(df["image"], df["caption"]))
+        hits = sum(reference.get(Path(str(i)).name.split("_", 1)[1]) == c for i, c in zip(df["image"], df["caption"]))
         prof = r.profile.to_dict() if r.profile is not None else {}
         ok = hits == len(images) and len(df) == len(images)
         failures += not ok
         print(f"{strategy:<9} on GPUs {idx}: {'OK ' if ok else 'BAD'} {hits}/{len(images)} captions equal the references; "
               f"rows {len(df)}; devices {sorted(df['device'].astype(str).unique())}; "
-              f"{prof.get('images_per_s', float('nan')):.0f} images/s; peaks "
-              + ", ".join(f"{d} {b / 2**20:.0f} MiB" for d, b in sorted((prof.get("peak") or {}).items())))
+              f"{prof.get('images_per_s', float('nan')):.0f} images/s; replica profiles {len(prof.get('replicas', [])) or 1}; peaks "
+              + ", ".join(f"{d} {b / 2**20:.0f} MiB" for d, b in sorted((prof.get("peak") or {}).items()))
+              + "; measured vs predicted " + ", ".join(f"{d} {e:+.1f}%" for d, e in sorted((prof.get("error_pct") or {}).items())))
         vlmlab.unload()
     print("ALL OK" if not failures else f"{failures} strategies FAILED")
     raise SystemExit(1 if failures else 0)

@@ -122,7 +122,8 @@ def caption(images, model=None, prompt: str | None = None, batch_size: int = 8, 
 
     try:
         if todo and target.replicas:
-            result.oom_retries = _run_replicas(target.plan, todo, prompt, max_new_tokens, batch_size, sink, profile)
+            result.oom_retries, result.profile = _run_replicas(target.plan, todo, prompt, max_new_tokens, batch_size,
+                                                               sink, profile)
         elif todo:
             result.profile = _run_local(target, todo, prompt, max_new_tokens, batch_size, sink, state, profile)
             result.oom_retries = state.oom_retries
@@ -472,19 +473,15 @@ def _short_name(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------- replicated runs
-def _run_replicas(plan, todo, prompt, max_new_tokens, batch_size, sink, profile) -> int:
-    """Run on one worker process per replica; returns how many batches ran smaller than asked."""
+def _run_replicas(plan, todo, prompt, max_new_tokens, batch_size, sink, profile) -> tuple[int, object]:
+    """Run on one worker process per replica; returns (how many batches ran smaller than asked,
+    the merged Profile of the workers or None)."""
     from . import workers  # spawns processes: imported only for plans with several replicas
 
-    if profile:
-        import warnings
-
-        warnings.warn("profile=True covers runs in this process only; it is ignored for a plan with "
-                      f"{len(plan.replicas)} replicas", stacklevel=3)
     payloads = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    rows, _stats = workers.run_replicas(plan, payloads, "vlmlab.captioning:caption_items",
-                                        {"prompt": prompt, "max_new_tokens": max_new_tokens, "batch_size": batch_size},
-                                        on_rows=sink)
+    rows, stats = workers.run_replicas(plan, payloads, "vlmlab.captioning:caption_items",
+                                       {"prompt": prompt, "max_new_tokens": max_new_tokens, "batch_size": batch_size},
+                                       on_rows=sink, profile=profile)
     # the retry count stays in the workers; their rows say which batches had to shrink
     by_key = {r["image"]: r for r in rows}
     smaller = 0
@@ -492,7 +489,7 @@ def _run_replicas(plan, todo, prompt, max_new_tokens, batch_size, sink, profile)
         good = [by_key[it.key] for it in p if it.key in by_key and not by_key[it.key]["error"]]
         smaller += any(r["batch_size"] < len(good) for r in good) or any(
             by_key.get(it.key, {}).get("error_kind") == "oom" for it in p)
-    return smaller
+    return smaller, stats.profile()
 
 
 # --------------------------------------------------------------------------------- journal

@@ -1,8 +1,9 @@
 """``vlmlab.profile()``: one measured run — memory per device over time, latency per stage
 (vision encode, prefill, decode per token) and per device, throughput, predicted vs measured peak.
 
-It profiles one replica in this process (``single`` or ``split``); to compare strategies,
-replicated ones included, use ``vlmlab.bench()``.
+``single`` and ``split`` run in this process; ``replicate`` and ``hybrid`` run one worker process
+per replica, each profiling its own replica, merged into one Profile on one time axis (see
+:mod:`vlmlab.replica_profiles`). To compare strategies side by side, use ``vlmlab.bench()``.
 """
 from __future__ import annotations
 
@@ -27,9 +28,6 @@ def profile(model=None, images=None, prompt: str | None = None, gpus=None, strat
         p = make_plan(model, gpus=hw, strategy=strategy, dtype=dtype, batch_size=batch_size,
                       max_new_tokens=max_new_tokens or (32 if random_weights else 24), device_map=device_map,
                       gpus_per_replica=gpus_per_replica)
-    if len(p.replicas) > 1:
-        raise ValueError(f"profile() measures one replica in this process, and this plan has {len(p.replicas)} "
-                         f"({p.strategy}); use vlmlab.bench(strategies=['{p.strategy}']) to measure replicated runs")
     if random_weights:
         return _random_weights_run(p, batch_size, max_new_tokens or p.max_new_tokens, n_images)
     from .modelspec import PACKAGE_DIR
@@ -44,6 +42,15 @@ def profile(model=None, images=None, prompt: str | None = None, gpus=None, strat
 
 def _random_weights_run(p, batch_size, max_new_tokens, n_images):
     from .benchmark import synthetic_batch
+
+    if len(p.replicas) > 1:
+        from .workers import run_replicas
+
+        payloads = [min(batch_size, n_images - s) for s in range(0, n_images, batch_size)]
+        _, stats = run_replicas(p, payloads, "vlmlab.benchmark:synthetic_batch",
+                                {"batch_size": batch_size, "max_new_tokens": max_new_tokens},
+                                load_kwargs={"random_weights": True}, profile=True)
+        return stats.profile()
     from .loading import load, unload
     from .profiling import Profiler
 

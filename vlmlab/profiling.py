@@ -773,6 +773,7 @@ class Profile:
     interval: float | None = 0.05
     detail: str = "layers"
     notes: list = field(default_factory=list)
+    replicas: list = field(default_factory=list)  # a run over worker processes: each worker's own Profile
 
     # -- numbers ----------------------------------------------------------------------------
     @property
@@ -882,6 +883,8 @@ class Profile:
                "predicted": {device_label(d): v for d, v in self.predicted.items()},
                "error_pct": {device_label(d): v for d, v in self.error_pct().items()},
                "notes": list(self.notes)}
+        if self.replicas:
+            out["replicas"] = [r.to_dict(samples=False, calls=False) for r in self.replicas]
         if calls:
             out["calls"] = {s: list(v) for s, v in self.stages.items()}
             out["steps"] = list(self.steps)

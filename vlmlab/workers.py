@@ -43,6 +43,7 @@ class RunStats:
     died: dict = field(default_factory=dict)  # worker -> reason
     requeued: int = 0
     peaks: dict = field(default_factory=dict)  # device -> peak bytes seen by a worker (reserved + context)
+    profiles: dict = field(default_factory=dict)  # worker -> (Profile, its start on perf_counter), profile=True
     wall_s: float = 0.0
     busy_s: float = 0.0  # from the go signal (every worker loaded) to the last batch done
     worker_s: dict = field(default_factory=dict)  # worker -> seconds from the go signal to its last batch done
@@ -50,14 +51,23 @@ class RunStats:
     go_at: float | None = None  # time.perf_counter() of the go signal
     warnings: list = field(default_factory=list)
 
+    def profile(self):
+        """The workers' profiles as one :class:`~vlmlab.profiling.Profile` (None without profile=True)."""
+        if not self.profiles:
+            return None
+        from .replica_profiles import merge
+
+        return merge(self.profiles, self.go_at, self.busy_s)
+
 
 def _resolve(job: str):
     module, _, name = job.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
-def _worker(wid, plan_json, job, job_kwargs, load_kwargs, conn):
-    """Load replica ``wid``, then ask the parent for batches until it sends None."""
+def _worker(wid, plan_json, job, job_kwargs, load_kwargs, conn, profile=False):
+    """Load replica ``wid``, then ask the parent for batches until it sends None. With ``profile``,
+    a Profiler covers everything after the warm-up and its Profile goes back at the end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     try:
         from .loading import load
@@ -80,10 +90,23 @@ def _worker(wid, plan_json, job, job_kwargs, load_kwargs, conn):
         warmup = job_kwargs.pop("warmup", None)
         if warmup is not None:  # load kernels and allocator pools before the clock starts
             fn(lm, warmup, **job_kwargs)
+        prof = None
+        if profile:
+            from .profiling import Profiler
+
+            prof = Profiler(lm, plan=plan).__enter__().count(0, 0)  # a worker given no batch did 0 images
+            started = time.perf_counter()
         conn.send(("ready", time.perf_counter() - t0))
         while (task := conn.recv()) is not None:
             task_id, payload = task
-            conn.send(("done", task_id, fn(lm, payload, **job_kwargs)))
+            rows = fn(lm, payload, **job_kwargs)
+            if prof is not None:
+                good = [r for r in rows if not r.get("error")]
+                prof.count(len(good), sum(r.get("n_tokens") or 0 for r in good))
+            conn.send(("done", task_id, rows))
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            conn.send(("profile", prof.result(), started))
         conn.send(("peaks", _peaks(plan.replicas[wid].gpus)))
     except BaseException:  # noqa: BLE001 - report anything, then die
         try:
@@ -114,7 +137,7 @@ class _Pool:
     parent always knows which batch each worker holds (a worker's death loses nothing), and a worker
     killed mid-write can only break its own pipe."""
 
-    def __init__(self, plan, payloads, job, job_kwargs, load_kwargs, on_rows=None):
+    def __init__(self, plan, payloads, job, job_kwargs, load_kwargs, on_rows=None, profile=False):
         ctx = mp.get_context("spawn")
         self.payloads, self.pending = payloads, deque(range(len(payloads)))
         self.conns, self.procs, self.inflight, self.done, self.idle = {}, {}, {}, set(), set()
@@ -124,7 +147,8 @@ class _Pool:
             parent, child = ctx.Pipe()
             self.conns[wid] = parent
             self.procs[wid] = ctx.Process(target=_worker, name=f"vlmlab-replica-{wid}", daemon=True,
-                                          args=(wid, plan_json, job, dict(job_kwargs or {}), load_kwargs or {}, child))
+                                          args=(wid, plan_json, job, dict(job_kwargs or {}), load_kwargs or {}, child,
+                                                profile))
 
     def give(self, wid):
         """Send ``wid`` its next batch; with none left while others still work, park it (a batch
@@ -175,6 +199,8 @@ class _Pool:
             if not self.inflight:
                 for other in list(self.idle):  # all done: the parked ones can stop
                     self.give(other)
+        elif kind == "profile":
+            self.stats.profiles[wid] = (msg[1], msg[2])
         elif kind == "peaks":
             for d, b in msg[1].items():
                 self.stats.peaks[d] = max(self.stats.peaks.get(d, 0), b)
@@ -205,13 +231,15 @@ class _Pool:
 
 
 def run_replicas(plan, payloads: list, job: str, job_kwargs: dict | None = None, on_rows=None,
-                 load_kwargs: dict | None = None, start_timeout: float = 600.0) -> tuple[list, RunStats]:
+                 load_kwargs: dict | None = None, start_timeout: float = 600.0,
+                 profile: bool = False) -> tuple[list, RunStats]:
     """Run ``job`` over ``payloads`` (one batch each) on one spawned worker per replica of ``plan``.
 
     ``on_rows(rows)`` is called in this process as each batch finishes (journal, progress bar).
+    ``profile``: every worker profiles its replica; ``stats.profile()`` merges them.
     Returns (rows in completion order, RunStats).
     """
-    pool = _Pool(plan, payloads, job, job_kwargs, load_kwargs, on_rows)
+    pool = _Pool(plan, payloads, job, job_kwargs, load_kwargs, on_rows, profile)
     t0 = time.perf_counter()
     t_go = None
     for p in pool.procs.values():
