@@ -128,6 +128,26 @@ def _qwen_text(model_type: str, *, vocab_size, hidden_size, intermediate_size, n
     }
 
 
+def _qwen_vl(model_type: str, hub_id: str, text: dict, vision: dict, published_params: int, source: str) -> dict:
+    """A Qwen2-VL / Qwen2.5-VL catalogue entry: the two generations share everything but the
+    architecture name, the text config's sizes and the vision tower."""
+    arch = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[model_type]
+    return {
+        "hub_id": hub_id,
+        "config": {
+            "architectures": [arch],
+            "model_type": model_type,
+            **_QWEN_VL_TOKENS,
+            "tie_word_embeddings": text["tie_word_embeddings"],
+            "torch_dtype": "bfloat16",
+            "text_config": _qwen_text(f"{model_type}_text", **text),
+            "vision_config": vision,
+        },
+        "published_params": published_params,
+        "source": source,
+    }
+
+
 def _llava_1_5(text: dict) -> dict:
     return {
         "architectures": ["LlavaForConditionalGeneration"],
@@ -272,95 +292,40 @@ CATALOGUE["llava-v1.6-mistral-7b"] = {
 }
 
 # --- Qwen2-VL (ViT-675M + 2-layer MLP merger + Qwen2 LM with M-RoPE) -----------
-CATALOGUE["qwen2-vl-2b"] = {
-    "hub_id": "Qwen/Qwen2-VL-2B-Instruct",
-    "config": {
-        "architectures": ["Qwen2VLForConditionalGeneration"],
-        "model_type": "qwen2_vl",
-        **_QWEN_VL_TOKENS,
-        "tie_word_embeddings": True,
-        "torch_dtype": "bfloat16",
-        "text_config": _qwen_text(
-            "qwen2_vl_text", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-            num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-            max_position_embeddings=32768, max_window_layers=28, tie_word_embeddings=True),
-        "vision_config": _qwen2_vl_vision(1536),
-    },
-    "published_params": 2_208_985_600,
-    "source": "Hub safetensors metadata of Qwen/Qwen2-VL-2B-Instruct (model page: 'Model size 2.21B params')",
-}
-CATALOGUE["qwen2-vl-7b"] = {
-    "hub_id": "Qwen/Qwen2-VL-7B-Instruct",
-    "config": {
-        "architectures": ["Qwen2VLForConditionalGeneration"],
-        "model_type": "qwen2_vl",
-        **_QWEN_VL_TOKENS,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "text_config": _qwen_text(
-            "qwen2_vl_text", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-            num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-            max_position_embeddings=32768, max_window_layers=28, tie_word_embeddings=False),
-        "vision_config": _qwen2_vl_vision(3584),
-    },
-    "published_params": 8_291_375_616,
-    "source": "Qwen/Qwen2-VL-7B-Instruct model.safetensors.index.json total_size 16582751232 bytes / 2 (bf16); "
-              "model page: 'Model size 8.29B params'",
-}
+CATALOGUE["qwen2-vl-2b"] = _qwen_vl(
+    "qwen2_vl", "Qwen/Qwen2-VL-2B-Instruct",
+    dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+         num_key_value_heads=2, max_position_embeddings=32768, max_window_layers=28, tie_word_embeddings=True),
+    _qwen2_vl_vision(1536), 2_208_985_600,
+    "Hub safetensors metadata of Qwen/Qwen2-VL-2B-Instruct (model page: 'Model size 2.21B params')")
+CATALOGUE["qwen2-vl-7b"] = _qwen_vl(
+    "qwen2_vl", "Qwen/Qwen2-VL-7B-Instruct",
+    dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+         num_key_value_heads=4, max_position_embeddings=32768, max_window_layers=28, tie_word_embeddings=False),
+    _qwen2_vl_vision(3584), 8_291_375_616,
+    "Qwen/Qwen2-VL-7B-Instruct model.safetensors.index.json total_size 16582751232 bytes / 2 (bf16); "
+    "model page: 'Model size 8.29B params'")
 
 # --- Qwen2.5-VL (windowed SwiGLU ViT + MLP merger + Qwen2.5 LM with M-RoPE) -----
-CATALOGUE["qwen2.5-vl-3b"] = {
-    "hub_id": "Qwen/Qwen2.5-VL-3B-Instruct",
-    "config": {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-        "model_type": "qwen2_5_vl",
-        **_QWEN_VL_TOKENS,
-        "tie_word_embeddings": True,
-        "torch_dtype": "bfloat16",
-        "text_config": _qwen_text(
-            "qwen2_5_vl_text", vocab_size=151936, hidden_size=2048, intermediate_size=11008,
-            num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-            max_position_embeddings=128000, max_window_layers=70, tie_word_embeddings=True),
-        "vision_config": _qwen2_5_vl_vision(2048),
-    },
-    "published_params": 3_754_622_976,
-    "source": "Hub safetensors metadata of Qwen/Qwen2.5-VL-3B-Instruct (model page: 'Model size 3.75B params')",
-}
-CATALOGUE["qwen2.5-vl-7b"] = {
-    "hub_id": "Qwen/Qwen2.5-VL-7B-Instruct",
-    "config": {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-        "model_type": "qwen2_5_vl",
-        **_QWEN_VL_TOKENS,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "text_config": _qwen_text(
-            "qwen2_5_vl_text", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-            num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-            max_position_embeddings=128000, max_window_layers=28, tie_word_embeddings=False),
-        "vision_config": _qwen2_5_vl_vision(3584),
-    },
-    "published_params": 8_292_166_656,
-    "source": "Hub safetensors metadata of Qwen/Qwen2.5-VL-7B-Instruct (model page: 'Model size 8.29B params')",
-}
-CATALOGUE["qwen2.5-vl-72b"] = {
-    "hub_id": "Qwen/Qwen2.5-VL-72B-Instruct",
-    "config": {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-        "model_type": "qwen2_5_vl",
-        **_QWEN_VL_TOKENS,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "text_config": _qwen_text(
-            "qwen2_5_vl_text", vocab_size=152064, hidden_size=8192, intermediate_size=29568,
-            num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-            max_position_embeddings=128000, max_window_layers=80, tie_word_embeddings=False),
-        "vision_config": _qwen2_5_vl_vision(8192, intermediate_size=3456),
-    },
-    # NB: the 72B (like the 32B) vision tower has a 3456-wide SwiGLU MLP, the 3B/7B ones 3420.
-    "published_params": 73_410_777_344,
-    "source": "Hub safetensors metadata of Qwen/Qwen2.5-VL-72B-Instruct (model page: 'Model size 73.4B params')",
-}
+CATALOGUE["qwen2.5-vl-3b"] = _qwen_vl(
+    "qwen2_5_vl", "Qwen/Qwen2.5-VL-3B-Instruct",
+    dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+         num_key_value_heads=2, max_position_embeddings=128000, max_window_layers=70, tie_word_embeddings=True),
+    _qwen2_5_vl_vision(2048), 3_754_622_976,
+    "Hub safetensors metadata of Qwen/Qwen2.5-VL-3B-Instruct (model page: 'Model size 3.75B params')")
+CATALOGUE["qwen2.5-vl-7b"] = _qwen_vl(
+    "qwen2_5_vl", "Qwen/Qwen2.5-VL-7B-Instruct",
+    dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+         num_key_value_heads=4, max_position_embeddings=128000, max_window_layers=28, tie_word_embeddings=False),
+    _qwen2_5_vl_vision(3584), 8_292_166_656,
+    "Hub safetensors metadata of Qwen/Qwen2.5-VL-7B-Instruct (model page: 'Model size 8.29B params')")
+# NB: the 72B (like the 32B) vision tower has a 3456-wide SwiGLU MLP, the 3B/7B ones 3420.
+CATALOGUE["qwen2.5-vl-72b"] = _qwen_vl(
+    "qwen2_5_vl", "Qwen/Qwen2.5-VL-72B-Instruct",
+    dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+         num_key_value_heads=8, max_position_embeddings=128000, max_window_layers=80, tie_word_embeddings=False),
+    _qwen2_5_vl_vision(8192, intermediate_size=3456), 73_410_777_344,
+    "Hub safetensors metadata of Qwen/Qwen2.5-VL-72B-Instruct (model page: 'Model size 73.4B params')")
 
 # --- SmolVLM (Idefics3 architecture: SigLIP + pixel-shuffle connector + SmolLM2) -
 CATALOGUE["smolvlm-256m"] = {
