@@ -37,7 +37,7 @@ def build_catalogue(name: str, device: str, dtype: str, batch: int):
     from vlmlab.loading import load
     from vlmlab.synthetic import caption_inputs
 
-    gpus = f"1x{device.split(':')[0]}" if device == "cpu" else vlmlab.gpus().select(indices=[int(device.split(":")[1])])
+    gpus = "1xcpu" if device == "cpu" else vlmlab.gpus().select(indices=[int(device.split(":")[1])])
     p = vlmlab.plan(name, gpus=gpus, strategy="single", dtype=dtype, batch_size=batch)
     lm = load(p, random_weights=True, force=True)
     inputs = caption_inputs(p._spec(), batch, 16, device=lm.input_device, dtype=getattr(torch, dtype))

@@ -353,8 +353,7 @@ def _run_local(target, todo, prompt, max_new_tokens, batch_size, sink, state, pr
                 prof = stack.enter_context(Profiler(target.lm, plan=target.lm.plan))
             rows = _caption_opened(target.lm, opened, prompt, max_new_tokens, state)
             if prof is not None:
-                good = [r for r in rows if not r["error"]]
-                prof.count(len(good), sum(r["n_tokens"] for r in good))
+                prof.count_rows(rows)
             sink(rows)
     return prof.result() if prof is not None else None
 

@@ -58,7 +58,7 @@ def _random_weights_run(p, batch_size, max_new_tokens, n_images):
     try:
         with Profiler(lm, plan=p) as prof:
             rows = synthetic_batch(lm, n_images, batch_size=batch_size, max_new_tokens=max_new_tokens)
-            prof.count(len(rows), sum(r["n_tokens"] for r in rows))
+            prof.count_rows(rows)
         return prof.result()
     finally:
         unload(lm)

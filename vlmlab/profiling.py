@@ -519,6 +519,16 @@ class Profiler:
         self._counted = True
         return self
 
+    def count_rows(self, rows):
+        """:meth:`count` from result rows: those without an error, and their ``n_tokens``."""
+        good = [r for r in rows if not r.get("error")]
+        return self.count(len(good), sum(r.get("n_tokens") or 0 for r in good))
+
+    @property
+    def started_at(self) -> float | None:
+        """When the profiled window began, on ``time.perf_counter``: time 0 of the Profile."""
+        return getattr(self, "_t_enter", None)
+
     def result(self) -> "Profile":
         """The :class:`Profile`; inside the ``with`` block, of everything so far (synchronises)."""
         if self._state == "new":

@@ -95,18 +95,16 @@ def _worker(wid, plan_json, job, job_kwargs, load_kwargs, conn, profile=False):
             from .profiling import Profiler
 
             prof = Profiler(lm, plan=plan).__enter__().count(0, 0)  # a worker given no batch did 0 images
-            started = time.perf_counter()
         conn.send(("ready", time.perf_counter() - t0))
         while (task := conn.recv()) is not None:
             task_id, payload = task
             rows = fn(lm, payload, **job_kwargs)
             if prof is not None:
-                good = [r for r in rows if not r.get("error")]
-                prof.count(len(good), sum(r.get("n_tokens") or 0 for r in good))
+                prof.count_rows(rows)
             conn.send(("done", task_id, rows))
         if prof is not None:
             prof.__exit__(None, None, None)
-            conn.send(("profile", prof.result(), started))
+            conn.send(("profile", prof.result(), prof.started_at))
         conn.send(("peaks", _peaks(plan.replicas[wid].gpus)))
     except BaseException:  # noqa: BLE001 - report anything, then die
         try:
