@@ -27,12 +27,12 @@ def main(argv=None):
     import transformers
 
     import vlmlab
-    from vlmlab.modelspec import PACKAGE_DIR
+    from vlmlab.assets import SAMPLES_DIR
 
-    reference = json.loads((PACKAGE_DIR / "samples" / "captions.json").read_text())
+    reference = json.loads((SAMPLES_DIR / "captions.json").read_text())
     folder = Path(tempfile.mkdtemp(prefix="vlmlab-samples-"))
     for k in range(args.repeat):  # distinct files: the same path twice is one image to caption()
-        for src in sorted((PACKAGE_DIR / "samples").glob("*.png")):
+        for src in sorted((SAMPLES_DIR).glob("*.png")):
             shutil.copy(src, folder / f"copy{k:02d}_{src.name}")
     images = sorted(folder.glob("*.png"))
     hw = vlmlab.gpus(args.gpus)

@@ -30,13 +30,13 @@ def main() -> int:
     import transformers
 
     import vlmlab
-    from vlmlab.modelspec import PACKAGE_DIR
+    from vlmlab.assets import SAMPLES_DIR
 
     ok = True
     print(f"# {datetime.date.today()}, {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
 
-    samples = sorted((PACKAGE_DIR / "samples").glob("*.png"))
+    samples = sorted((SAMPLES_DIR).glob("*.png"))
     for step in (_bundled, _guard, _unload, _profiled):
         try:
             ok &= step(samples)
@@ -50,9 +50,9 @@ def main() -> int:
 
 def _bundled(samples):
     import vlmlab
-    from vlmlab.modelspec import PACKAGE_DIR
+    from vlmlab.assets import SAMPLES_DIR
 
-    reference = json.loads((PACKAGE_DIR / "samples" / "captions.json").read_text())
+    reference = json.loads((SAMPLES_DIR / "captions.json").read_text())
     lm = vlmlab.load(gpus=[0], dtype="bfloat16")
     print(f"1. bundled captioner loaded on {lm.devices} in {lm.dtype}")
     result = vlmlab.caption(samples, model=lm, progress=False)
@@ -66,7 +66,7 @@ def _bundled(samples):
 
 def _guard(samples):
     import vlmlab
-    from vlmlab.loading import AlreadyLoadedError
+    from vlmlab.run.loading import AlreadyLoadedError
 
     vlmlab.load(gpus=[0], dtype="bfloat16")
     try:

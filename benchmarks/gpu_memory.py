@@ -65,7 +65,7 @@ def run(model, strategy, batch_size, new_tokens, n_gpus):
     import torch
 
     import vlmlab
-    from vlmlab.synthetic import caption_inputs
+    from vlmlab.model.dummy_inputs import caption_inputs
 
     hw = vlmlab.gpus()
     hw = hw.select(indices=list(range(min(n_gpus, len(hw))))) if hw else vlmlab.gpus("cpu")

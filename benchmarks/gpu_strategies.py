@@ -33,8 +33,8 @@ def main(argv=None):
     import transformers
 
     import vlmlab
-    from vlmlab.affinity import usable_cpus
-    from vlmlab.benchmark import bench
+    from vlmlab.run.affinity import usable_cpus
+    from vlmlab.measure.bench import bench
 
     hw = vlmlab.gpus()
     n = len(hw)

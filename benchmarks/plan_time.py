@@ -27,7 +27,7 @@ model, gpus, strategy = sys.argv[1:4]
 t0 = time.perf_counter()
 import torch, transformers, accelerate  # noqa: F401
 import vlmlab
-from vlmlab import catalog
+from vlmlab.model import catalog
 for arch in catalog.entry(model)["config"].get("architectures", []):  # the family's modeling code
     getattr(transformers, arch)
 t_import = time.perf_counter() - t0

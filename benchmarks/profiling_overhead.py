@@ -34,8 +34,8 @@ def build_catalogue(name: str, device: str, dtype: str, batch: int):
     import torch
 
     import vlmlab
-    from vlmlab.loading import load
-    from vlmlab.synthetic import caption_inputs
+    from vlmlab.run.loading import load
+    from vlmlab.model.dummy_inputs import caption_inputs
 
     gpus = "1xcpu" if device == "cpu" else vlmlab.gpus().select(indices=[int(device.split(":")[1])])
     p = vlmlab.plan(name, gpus=gpus, strategy="single", dtype=dtype, batch_size=batch)
@@ -85,7 +85,7 @@ def hook_cost_us(rounds: int = 7, calls: int = 20_000) -> float:
     module with hooks), on a module of 4 Identity "layers": noise-free where whole runs are not."""
     import torch
 
-    from vlmlab.profiling import Profiler
+    from vlmlab.observe.profiler import Profiler
 
     class Stack(torch.nn.Module):
         def __init__(self):
@@ -131,7 +131,7 @@ def main(argv=None):
     import torch
     import transformers
 
-    from vlmlab.profiling import Profiler
+    from vlmlab.observe.profiler import Profiler
 
     if args.threads:
         torch.set_num_threads(args.threads)

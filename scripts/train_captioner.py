@@ -5,7 +5,7 @@ Builds everything locally (no hub access): a word-level tokenizer trained with
 `tokenizers`, a PIL-backend CLIP image processor, a LlavaProcessor with a chat
 template, and a `LlavaForConditionalGeneration` (tiny CLIP vision tower +
 2-layer MLP projector + tiny Llama).  Trains on freshly generated scenes from
-`vlmlab.synth`, evaluates greedy captions on held-out scenes, then saves the
+`vlmlab.assets.scenes`, evaluates greedy captions on held-out scenes, then saves the
 model, processor and a model card with `save_pretrained`.
 
     python scripts/train_captioner.py                     # full run -> vlmlab/models/tiny-captioner
@@ -31,9 +31,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vlmlab import synth  # noqa: E402
+from vlmlab.assets import scenes as synth  # noqa: E402
 
-DEFAULT_OUT = REPO / "vlmlab" / "models" / "tiny-captioner"
+DEFAULT_OUT = REPO / "vlmlab" / "assets" / "tiny-captioner"
 TRAIN_SEED = 1234  # the scene stream used for training is default_rng(seed)
 EVAL_SEED = 777_001  # held-out scenes for the final evaluation (never used for training)
 IMAGE_SIZE = 64
@@ -205,7 +205,7 @@ A tiny captioning vision-language model that ships inside `vlmlab` so that users
 with no GPU and no network get real captions.  It is a native transformers
 **LLaVA** model (`LlavaForConditionalGeneration`): a tiny CLIP vision tower, the
 LLaVA two-layer MLP multi-modal projector and a tiny Llama decoder, trained from
-scratch on synthetic scenes of coloured shapes from `vlmlab.synth`.  It only knows
+scratch on synthetic scenes of coloured shapes from `vlmlab.assets.scenes`.  It only knows
 that world; on real photos its output is meaningless.
 
 Date: 2026-11-21.  Requires **transformers>=5.17** (saved with transformers {tf_version},
@@ -229,7 +229,7 @@ the prompt words; special tokens `<pad> <unk> <s> </s> <image>`.
 
 ## Data
 
-Synthetic scenes from `vlmlab.synth.make_scene` ({image}x{image} RGB): one group of 1-3
+Synthetic scenes from `vlmlab.assets.scenes.make_scene` ({image}x{image} RGB): one group of 1-3
 identical shapes (circle, square, triangle, cross) in one of 6 colours (red, green,
 blue, yellow, purple, black) in the left, center or right third of the image, over a
 plain, gradient or noisy pale background.  Caption grammar (always six words):

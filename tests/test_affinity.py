@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from vlmlab.affinity import split_cpus, usable_cpus
+from vlmlab.run.affinity import split_cpus, usable_cpus
 
 
 def test_two_numa_nodes_four_gpus_get_disjoint_local_halves():
@@ -36,7 +36,7 @@ def test_mixed_known_and_unknown_groups():
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
 def test_spawned_cpu_workers_are_pinned_to_disjoint_cores(monkeypatch):
     import vlmlab
-    from vlmlab import workers
+    from vlmlab.run import workers
 
     p = vlmlab.plan("vlmlab/tiny-captioner", gpus="2xcpu", strategy="replicate")
     rows, stats = workers.run_replicas(p, [0, 1, 2, 3], "tests.worker_jobs:report_cores")

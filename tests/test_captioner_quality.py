@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +14,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from vlmlab import synth  # noqa: E402
+from vlmlab.assets import BUNDLED_MODEL_DIR as MODEL_DIR, SAMPLES_DIR  # noqa: E402
+from vlmlab.assets import scenes as synth  # noqa: E402
 
-MODEL_DIR = Path(synth.__file__).parent / "models" / "tiny-captioner"
-SAMPLES_DIR = Path(synth.__file__).parent / "samples"
 HELDOUT_SEED = 4242  # not the training seed (1234, in eval_results.json) nor the model card's eval seed
 N_HELDOUT = 240
 PROMPT = "<s>USER: <image> caption ASSISTANT:"

@@ -15,11 +15,14 @@ import torch
 from PIL import Image
 
 import vlmlab
-from vlmlab import captioning, synth
-from vlmlab.captioning import SAMPLES_DIR, JournalMismatchError
-from vlmlab.journal import Journal
-from vlmlab.loading import loaded, unload
-from vlmlab.modelspec import BUNDLED, DEFAULT_MODEL
+from vlmlab.run import batch as captioning
+from vlmlab.run import prompts
+from vlmlab.assets import scenes as synth
+from vlmlab.assets import SAMPLES_DIR
+from vlmlab.run.caption import JournalMismatchError
+from vlmlab.run.journal import Journal
+from vlmlab.run.loading import loaded, unload
+from vlmlab.model.spec import BUNDLED, DEFAULT_MODEL
 from tests.badimages import make_broken_zoo, make_valid_zoo
 
 pytestmark = pytest.mark.skipif(not (BUNDLED[DEFAULT_MODEL] / "config.json").exists(),
@@ -322,13 +325,13 @@ def test_max_new_tokens_and_prompt_are_passed(lm, scenes, monkeypatch):
     assert seen[0]["max_new_tokens"] == 2 and seen[0]["do_sample"] is False
     assert all(r["n_tokens"] <= 2 for r in result)
     vlmlab.caption(list(scenes)[:1], model=lm, progress=False)
-    assert seen[1]["max_new_tokens"] == captioning.TINY_MAX_NEW_TOKENS
+    assert seen[1]["max_new_tokens"] == prompts.TINY_MAX_NEW_TOKENS
     assert (seen[1]["attention_mask"][0] == 1).all()  # one prompt length: no padding
 
 
 # ---------------------------------------------------------------------------------- profile
 def test_profile_attaches_a_profile(lm, scenes):
-    pytest.importorskip("vlmlab.profiling")
+    pytest.importorskip("vlmlab.observe.profiler")
     result = vlmlab.caption(list(scenes)[:4], model=lm, batch_size=2, profile=True, progress=False)
     prof = result.profile
     assert prof is not None and prof.images == 4 and prof.tokens == sum(r["n_tokens"] for r in result)
@@ -355,7 +358,7 @@ def test_plan_with_replicas_runs_on_worker_processes(lm, scenes, baseline, tmp_p
 
 
 def test_caption_items_is_the_worker_seam(lm, scenes, baseline, monkeypatch, tmp_path):
-    from vlmlab.images import collect
+    from vlmlab.run.images import collect
 
     lm.__dict__.pop("_caption_state", None)
 
@@ -378,7 +381,7 @@ def test_caption_items_is_the_worker_seam(lm, scenes, baseline, monkeypatch, tmp
 
 
 def test_batch_functions_default_the_prompt_like_caption(lm, scenes, baseline):
-    from vlmlab.images import collect
+    from vlmlab.run.images import collect
 
     rows = captioning.caption_items(lm, collect(list(scenes)[:2]))  # prompt/max_new_tokens None, as bench passes
     assert {r["image"]: r["caption"] for r in rows} == {k: baseline[k] for k in list(scenes)[:2]}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmlab import catalog
+from vlmlab.model import catalog
 
 # Published parameter counts, written out here independently of the catalogue so a
 # mis-edited catalogue config is caught.  "Hub safetensors" = the Hugging Face model

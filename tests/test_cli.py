@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 import vlmlab
-from vlmlab import synth
-from vlmlab.captioning import SAMPLES_DIR
-from vlmlab.cli import main
-from vlmlab.journal import Journal
-from vlmlab.loading import loaded
-from vlmlab.plans import Plan
-from vlmlab.modelspec import BUNDLED, DEFAULT_MODEL
+from vlmlab.assets import scenes as synth
+from vlmlab.assets import SAMPLES_DIR
+from vlmlab.ui.cli import main
+from vlmlab.run.journal import Journal
+from vlmlab.run.loading import loaded
+from vlmlab.plan.plan import Plan
+from vlmlab.model.spec import BUNDLED, DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 needs_bundled = pytest.mark.skipif(not (BUNDLED[DEFAULT_MODEL] / "config.json").exists(),
@@ -153,7 +153,7 @@ def test_caption_of_an_empty_folder_is_a_usage_error(tmp_path, capsys):
 def test_demo_runs_for_real(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "vlmlab.cli", "demo", "--out-dir", str(tmp_path / "demo")],
+    proc = subprocess.run([sys.executable, "-m", "vlmlab.ui.cli", "demo", "--out-dir", str(tmp_path / "demo")],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     wall = time.perf_counter() - t0
     print(f"\nvlmlab demo wall time: {wall:.1f} s")

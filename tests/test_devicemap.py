@@ -1,9 +1,9 @@
-"""vlmlab.devicemap: every validation message, expand(), normalise_device(), memory per device."""
+"""vlmlab.plan.devicemap: every validation message, expand(), normalise_device(), memory per device."""
 import pytest
 
 import vlmlab
-from vlmlab.devicemap import DeviceMapError, check, expand, normalise_device, owner_of
-from vlmlab.memory import Workload
+from vlmlab.plan.devicemap import DeviceMapError, check, expand, normalise_device, owner_of
+from vlmlab.model.memory import Workload
 
 LLM = "model.language_model"
 EMB = 32064 * 4096

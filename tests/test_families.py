@@ -1,4 +1,4 @@
-"""vlmlab.families: each adapter finds the vision tower, projector, embeddings, layers, norm and head.
+"""vlmlab.model.families: each adapter finds the vision tower, projector, embeddings, layers, norm and head.
 
 Catalogue families are checked on the real catalogue models built on the meta device; the
 remote-code families (InternLM-XComposer2, CogVLM, MiniCPM-V) on small torch module trees that
@@ -10,8 +10,8 @@ import pytest
 import torch.nn as nn
 
 import vlmlab
-from vlmlab.families import COLOCATED, FAMILIES, ROLES, family_for
-from vlmlab.modelspec import build
+from vlmlab.model.families import COLOCATED, FAMILIES, ROLES, family_for
+from vlmlab.model.spec import build
 
 LLM = "model.language_model"
 # catalogue name -> (family, {role: expected names}, image tokens per image at the default resolution)

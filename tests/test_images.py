@@ -1,4 +1,4 @@
-"""Tests for vlmlab.images: collect() and open_image()."""
+"""Tests for vlmlab.run.images: collect() and open_image()."""
 
 import dataclasses
 import io
@@ -14,8 +14,8 @@ from PIL import Image, ImageFile
 
 from tests.badimages import (EXPLICIT_ONLY, VALID_SIZES, make_broken_zoo,
                              make_valid_zoo)
-from vlmlab import images
-from vlmlab.images import (ERROR_KINDS, ImageError, ImageItem, collect,
+from vlmlab.run import images
+from vlmlab.run.images import (ERROR_KINDS, ImageError, ImageItem, collect,
                            open_image)
 
 
@@ -458,7 +458,7 @@ def test_dataset_decode_failure_is_an_image_error():
 
 
 def test_a_folder_named_like_an_image_is_an_error_row_not_an_abort(tmp_path):
-    from vlmlab.images import ImageError, collect, open_image
+    from vlmlab.run.images import ImageError, collect, open_image
 
     (tmp_path / "shot.jpg").mkdir()
     good = tmp_path / "ok.png"

@@ -40,19 +40,20 @@ print(json.dumps({"n": len(hw), "torch": "torch" in sys.modules, "transformers":
 
 
 def test_api_names_stay_functions_after_their_submodules_are_imported():
-    # the API functions spec/plan/bench live in modules of other names (modelspec, plans, benchmark),
-    # so importing those submodules (as the planner does) cannot replace the functions
+    # vlmlab.plan is a function and vlmlab/plan/ a folder: importing the sub-package (as the planner
+    # does) must not replace the function; spec/bench live in modules of other names
     r = run("""
 import json, types
 import vlmlab
 first = type(vlmlab.spec).__name__
-import vlmlab.planner, vlmlab.devicemap, vlmlab.plans, vlmlab.modelspec, vlmlab.benchmark
-from vlmlab.plans import Plan
-from vlmlab.modelspec import ModelSpec
+import vlmlab.plan.planner, vlmlab.plan.devicemap, vlmlab.plan.plan, vlmlab.model.spec, vlmlab.measure.bench
+from vlmlab.plan import planner
+from vlmlab.plan.plan import Plan
+from vlmlab.model.spec import ModelSpec
 print(json.dumps({"first": first, "spec": callable(vlmlab.spec) and not isinstance(vlmlab.spec, types.ModuleType),
                   "plan": callable(vlmlab.plan) and not isinstance(vlmlab.plan, types.ModuleType),
                   "bench": callable(vlmlab.bench) and not isinstance(vlmlab.bench, types.ModuleType),
-                  "plan_is_planner": vlmlab.plan is vlmlab.planner.plan, "Plan": vlmlab.Plan is Plan,
+                  "plan_is_planner": vlmlab.plan is planner.plan, "Plan": vlmlab.Plan is Plan,
                   "ModelSpec": vlmlab.ModelSpec is ModelSpec}))
 """)
     assert r == {"first": "function", "spec": True, "plan": True, "bench": True, "plan_is_planner": True,

@@ -1,4 +1,4 @@
-"""Tests for vlmlab.journal: the append-only JSONL journal."""
+"""Tests for vlmlab.run.journal: the append-only JSONL journal."""
 
 import json
 import threading
@@ -6,8 +6,8 @@ import threading
 import numpy as np
 import pytest
 
-from vlmlab import journal as journal_mod
-from vlmlab.journal import Journal, JournalError
+from vlmlab.run import journal as journal_mod
+from vlmlab.run.journal import Journal, JournalError
 
 
 def _lines(path):

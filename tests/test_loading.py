@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import vlmlab
-from vlmlab import synth
-from vlmlab.loading import AlreadyLoadedError, find, loaded, unload
-from vlmlab.modelspec import BUNDLED, DEFAULT_MODEL
+from vlmlab.assets import scenes as synth
+from vlmlab.run.loading import AlreadyLoadedError, find, loaded, unload
+from vlmlab.model.spec import BUNDLED, DEFAULT_MODEL
 
 FOLDER = BUNDLED[DEFAULT_MODEL]
 needs_bundled = pytest.mark.skipif(not (FOLDER / "config.json").exists(),
@@ -37,7 +37,7 @@ def test_load_bundled_by_name_and_by_folder():
     assert type(by_name.model).__name__ == "LlavaForConditionalGeneration"
     assert type(by_name.processor).__name__ == "LlavaProcessor"
     assert not by_name.model.training and by_name.input_device == "cpu"
-    assert vlmlab.load.__module__ == "vlmlab.loading" and loaded() == [by_name]
+    assert vlmlab.load.__module__ == "vlmlab.run.loading" and loaded() == [by_name]
     n = _param_count(by_name.model)
     assert unload(by_name) == 1 and loaded() == []
 
@@ -145,7 +145,7 @@ def test_random_weights_from_a_saved_config(tmp_path):
     assert params and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
     weights = [p for n, p in lm.model.named_parameters() if n.endswith("q_proj.weight")]
     assert weights and all(0.005 < float(w.std()) < 0.05 for w in weights)  # N(0, 0.02), not zeros
-    from vlmlab.synthetic import caption_inputs
+    from vlmlab.model.dummy_inputs import caption_inputs
 
     inputs = caption_inputs(lm.plan._spec(), batch_size=2)
     with torch.no_grad():

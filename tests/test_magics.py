@@ -15,11 +15,12 @@ from IPython.core.error import UsageError  # noqa: E402
 from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 
 import vlmlab  # noqa: E402
-from vlmlab import magics  # noqa: E402
-from vlmlab.modelspec import BUNDLED, DEFAULT_MODEL, PACKAGE_DIR  # noqa: E402
+from vlmlab.ui import magics  # noqa: E402
+from vlmlab.model.spec import BUNDLED, DEFAULT_MODEL  # noqa: E402
+from vlmlab.assets import SAMPLES_DIR
 
 HAVE_CAPTIONER = (BUNDLED[DEFAULT_MODEL] / "config.json").is_file()
-SAMPLES = PACKAGE_DIR / "samples"
+SAMPLES = SAMPLES_DIR
 needs_captioner = pytest.mark.skipif(not HAVE_CAPTIONER, reason="the bundled captioner (vlmlab/models/tiny-captioner) "
                                      "is not trained yet: scripts/train_captioner.py")
 
@@ -107,8 +108,8 @@ def test_unload_ext_unregisters_and_reload_works(ip):
 
 def test_unload_ext_closes_dashboards_and_stops_their_monitor(ip):
     pytest.importorskip("ipywidgets")
-    if importlib.util.find_spec("vlmlab.profiling") is None:
-        pytest.skip("vlmlab.profiling (MemorySampler) is not there yet")
+    if importlib.util.find_spec("vlmlab.observe.profiler") is None:
+        pytest.skip("vlmlab.observe (MemorySampler) is not there yet")
     board = ip.run_line_magic("vlm", "dashboard")
     board.monitor.interval = 0.05
     board.monitor.start()

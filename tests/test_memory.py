@@ -1,4 +1,4 @@
-"""vlmlab.memory: every term of the memory model pinned on a small hand-made config.
+"""vlmlab.model.memory: every term of the memory model pinned on a small hand-made config.
 
 The numbers below are worked out by hand (the arithmetic is in the comments), not by calling the
 formulas under test, so a changed formula fails here.
@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import vlmlab
-from vlmlab import memory
-from vlmlab.memory import (DeviceLoad, Workload, canonical_dtype, compute_bytes, device_memory,
+from vlmlab.model import memory
+from vlmlab.model.memory import (DeviceLoad, Workload, canonical_dtype, compute_bytes, device_memory,
                            embedding_activation_bytes, kv_bytes_per_layer, logits_bytes,
                            prefill_activation_bytes, vision_activation_bytes, weight_bytes)
-from vlmlab.modelspec import Dims, Unit
+from vlmlab.model.spec import Dims, Unit
 
 GiB = 1024**3
 

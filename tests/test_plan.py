@@ -4,9 +4,9 @@ import json
 import pytest
 
 import vlmlab
-from vlmlab.devicemap import DeviceMapError
+from vlmlab.plan.devicemap import DeviceMapError
 from vlmlab.hardware import fmt_bytes
-from vlmlab.plans import Plan
+from vlmlab.plan.plan import Plan
 
 LLM = "model.language_model"
 GiB = 1024**3

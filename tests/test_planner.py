@@ -5,10 +5,10 @@ import pytest
 from accelerate.utils import check_device_map
 
 import vlmlab
-from vlmlab import planner as planner_module
-from vlmlab.devicemap import DeviceMapError, check
+from vlmlab.plan import planner as planner_module
+from vlmlab.plan.devicemap import DeviceMapError, check
 from vlmlab.hardware import Hardware
-from vlmlab.planner import PlanError
+from vlmlab.plan.planner import PlanError
 
 LLM = "model.language_model"
 GiB = 1024**3

@@ -54,10 +54,10 @@ def test_profile_of_a_replicated_plan_merges_each_worker_profile_on_one_time_axi
 
 
 def test_caption_with_profile_on_a_hybrid_plan_returns_the_merged_profile():
-    from vlmlab.modelspec import PACKAGE_DIR
+    from vlmlab.assets import SAMPLES_DIR
 
     p = vlmlab.plan(None, gpus="4xcpu", strategy="hybrid", batch_size=2)
-    result = vlmlab.caption(PACKAGE_DIR / "samples", model=p, batch_size=2, profile=True, progress=False)
+    result = vlmlab.caption(SAMPLES_DIR, model=p, batch_size=2, profile=True, progress=False)
     assert result.ok and result.profile is not None
     assert result.profile.images == 8 and len(result.profile.replicas) == 2
     assert result.profile.images_per_s > 0

@@ -1,4 +1,4 @@
-"""Tests for vlmlab.profiling (MemorySampler, Profiler, Profile) and its plots, on a tiny
+"""Tests for vlmlab.observe (MemorySampler, Profiler, Profile) and its plots, on a tiny
 random-weight LLaVA on the CPU. No timed assertions: only counts, structure and clean-up."""
 
 import json
@@ -12,8 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from vlmlab import plots  # noqa: E402
-from vlmlab.profiling import MemorySampler, Profile, Profiler, active_hooks, device_key  # noqa: E402
+from vlmlab.measure import plots as run_plots  # noqa: E402
+from vlmlab.observe import plots  # noqa: E402
+from vlmlab.observe.profiler import MemorySampler, Profile, Profiler, active_hooks, device_key  # noqa: E402
 
 NEW_TOKENS = 4
 N_LAYERS = 3
@@ -61,8 +62,8 @@ def generate(model, batch=2):
 
 
 def n_hooks(model):
-    """Forward hooks installed by vlmlab.profiling (transformers installs some of its own lazily)."""
-    return sum(getattr(h, "__module__", None) == "vlmlab.profiling"
+    """Forward hooks installed by vlmlab.observe (transformers installs some of its own lazily)."""
+    return sum(getattr(h, "__module__", None) == "vlmlab.observe.hooks"
                for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
 
 
@@ -83,7 +84,7 @@ def sampler_threads():
 
 def test_import_and_cpu_sampling_do_not_import_torch():
     code = ("import sys, time\n"
-            "import vlmlab.profiling as p\n"
+            "import vlmlab.observe.sampler as p\n"
             "assert 'torch' not in sys.modules, 'import'\n"
             "s = p.MemorySampler(['cpu', 0], interval=0.005).start()\n"
             "time.sleep(0.05)\n"
@@ -302,7 +303,7 @@ def test_bare_module_with_roles(model):
 
 
 def test_loaded_model_with_plan_is_json_serialisable(loaded):
-    from vlmlab.loading import LoadedModel
+    from vlmlab.run.loading import LoadedModel
 
     assert isinstance(loaded, LoadedModel)
     with Profiler(loaded, plan=loaded.plan, interval=0.005) as prof:  # the caption() interface
@@ -380,11 +381,11 @@ def test_strategy_comparison_bars():
          "p95_ms": 150.0 * (i + 1), "peak_GPU0": 5e9, "peak_GPU1": 4e9}
         for i, s in enumerate(["single", "split", "replicate"]) for b in (1, 4, 16)
         if not (s == "split" and b == 16)])
-    fig = plots.strategy_comparison(df)
+    fig = run_plots.strategy_comparison(df)
     assert len(_bars(fig)) == 8
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1", "4", "16"]
-    assert len(_bars(plots.strategy_comparison(df, metric="p50_ms"))) == 8
-    assert len(_bars(plots.strategy_comparison(df, metric="peak_GPU1"))) == 8
+    assert len(_bars(run_plots.strategy_comparison(df, metric="p50_ms"))) == 8
+    assert len(_bars(run_plots.strategy_comparison(df, metric="peak_GPU1"))) == 8
 
 
 # ---- CUDA (skipped without a GPU; run on the device machine) --------------------------------------
@@ -467,7 +468,7 @@ def test_cuda_split_over_two_gpus(model):
 
 
 def test_default_detail_is_per_device_on_cuda_and_per_layer_on_cpu(model):
-    from vlmlab.profiling import auto_detail
+    from vlmlab.observe.profiler import auto_detail
 
     assert auto_detail(["cpu"]) == "layers"
     assert auto_detail([0]) == "devices"

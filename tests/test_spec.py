@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 import vlmlab
-from vlmlab import catalog
-from vlmlab.modelspec import BUNDLED, DEFAULT_MODEL, COMPONENTS, Dims, ModelSpec
+from vlmlab.model import catalog
+from vlmlab.model.spec import BUNDLED, DEFAULT_MODEL, COMPONENTS, Dims, ModelSpec
 
 LLM = "model.language_model"
 

@@ -1,4 +1,4 @@
-"""Tests for the synthetic shape-scene generator `vlmlab.synth`."""
+"""Tests for the synthetic shape-scene generator `vlmlab.assets.scenes`."""
 
 import json
 import re
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmlab import synth
+from vlmlab.assets import SAMPLES_DIR
+from vlmlab.assets import scenes as synth
 
 CAPTION_RE = re.compile(
     r"^(a|two|three) (red|green|blue|yellow|purple|black) "
@@ -127,9 +128,7 @@ def test_save_samples(tmp_path):
 
 
 def test_shipped_samples_match_generator():
-    from pathlib import Path
-
-    folder = Path(synth.__file__).parent / "samples"
+    folder = SAMPLES_DIR
     captions = json.loads((folder / "captions.json").read_text())
     assert len(captions) == 8
     regenerated = synth.make_dataset(8, seed=synth.SAMPLES_SEED)
@@ -139,5 +138,5 @@ def test_shipped_samples_match_generator():
 
 
 def test_no_torch_import():
-    code = "import sys, vlmlab.synth; assert 'torch' not in sys.modules"
+    code = "import sys, vlmlab.assets.scenes; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

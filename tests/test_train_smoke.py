@@ -34,7 +34,7 @@ def test_smoke_training_saves_a_loadable_llava(tmp_path):
 
     from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
-    from vlmlab import synth
+    from vlmlab.assets import scenes as synth
 
     processor = AutoProcessor.from_pretrained(out)
     model = AutoModelForImageTextToText.from_pretrained(out).eval()

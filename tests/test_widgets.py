@@ -15,12 +15,13 @@ pytest.importorskip("ipywidgets")
 
 import vlmlab  # noqa: E402
 from vlmlab.hardware import GiB, Gpu, Hardware  # noqa: E402
-from vlmlab.results import CaptionResult  # noqa: E402
-from vlmlab.modelspec import BUNDLED, DEFAULT_MODEL, PACKAGE_DIR  # noqa: E402
-from vlmlab.widgets import Dashboard, GpuPicker, MemoryMonitor, close_all  # noqa: E402
+from vlmlab.run.results import CaptionResult  # noqa: E402
+from vlmlab.model.spec import BUNDLED, DEFAULT_MODEL  # noqa: E402
+from vlmlab.assets import SAMPLES_DIR
+from vlmlab.ui.widgets import Dashboard, GpuPicker, MemoryMonitor, close_all  # noqa: E402
 
 HAVE_CAPTIONER = (BUNDLED[DEFAULT_MODEL] / "config.json").is_file()
-SAMPLES = PACKAGE_DIR / "samples"
+SAMPLES = SAMPLES_DIR
 PNG = b"\x89PNG"
 
 

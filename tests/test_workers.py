@@ -6,7 +6,7 @@ import multiprocessing as mp
 import pytest
 
 import vlmlab
-from vlmlab import workers
+from vlmlab.run import workers
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ def test_keyboard_interrupt_stops_workers_and_keeps_what_is_done(tiny_llava):
 def test_hybrid_runs_split_replicas_in_workers(tiny_llava):
     p = _plan(tiny_llava, spec="4xcpu", strategy="hybrid", gpus_per_replica=2)
     assert p.strategy == "hybrid" and [len(r.gpus) for r in p.replicas] == [2, 2]
-    rows, stats = workers.run_replicas(p, [1] * 8, "vlmlab.benchmark:synthetic_batch",
+    rows, stats = workers.run_replicas(p, [1] * 8, "vlmlab.run.dry_run:synthetic_batch",
                                        {"batch_size": 1, "max_new_tokens": 3}, load_kwargs={"random_weights": True})
     assert len(rows) == 8 and all(r["n_tokens"] == 3 for r in rows)
     assert not stats.died
@@ -101,11 +101,12 @@ def test_bench_compares_strategies_on_cpu_workers(tiny_llava):
 
 
 def test_caption_with_a_replicate_plan_matches_in_process_captions():
-    from vlmlab.modelspec import BUNDLED, DEFAULT_MODEL, PACKAGE_DIR
+    from vlmlab.assets import SAMPLES_DIR
+    from vlmlab.model.spec import BUNDLED, DEFAULT_MODEL
 
     if not (BUNDLED[DEFAULT_MODEL] / "config.json").exists():
         pytest.skip("the bundled captioner is not there")
-    samples = sorted((PACKAGE_DIR / "samples").glob("*.png"))[:6]
+    samples = sorted((SAMPLES_DIR).glob("*.png"))[:6]
     local = vlmlab.caption(samples, batch_size=2, progress=False, gpus="cpu")
     p = vlmlab.plan(None, gpus="2xcpu", strategy="replicate", dtype="float32", batch_size=2)
     remote = vlmlab.caption(samples, model=p, batch_size=2, progress=False)
@@ -115,7 +116,7 @@ def test_caption_with_a_replicate_plan_matches_in_process_captions():
 
 
 def test_bench_isolate_runs_single_in_a_worker_process(tiny_llava, monkeypatch):
-    from vlmlab import loading
+    from vlmlab.run import loading
 
     def no_load_here(*args, **kwargs):
         raise AssertionError("isolate=True must not load the model in this process")

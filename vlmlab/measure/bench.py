@@ -1,0 +1,150 @@
+"""``vlmlab.bench()``: the same work under each strategy and batch size, side by side.
+
+Each (strategy, batch size) is planned, loaded (in this process for ``single``/``split``, one
+spawned worker per replica for ``replicate``/``hybrid``), warmed up, then timed on the same
+images: images/s, tokens/s, batch latency p50/p95, and measured vs predicted peak per device.
+With ``random_weights=True`` the work is caption-shaped ``generate`` calls on a random-weight
+model (a fixed number of new tokens), so a 7B model's strategies compare before any download.
+"""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+GiB = 1024**3
+
+
+@dataclass
+class BenchResult:
+    rows: list = field(default_factory=list)  # one dict per (strategy, batch size)
+    plans: dict = field(default_factory=dict)
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def plot(self, metric: str = "images_per_s", ax=None):
+        from vlmlab.measure.plots import strategy_comparison
+
+        return strategy_comparison(self.to_pandas(), metric=metric, ax=ax)
+
+    def to_dict(self):
+        return {"rows": self.rows}
+
+    def __repr__(self):
+        return f"BenchResult({len(self.rows)} runs)\n" + self.to_pandas().to_string(index=False)
+
+    def _repr_html_(self):
+        import base64
+        import io
+
+        df = self.to_pandas()
+        keep = [c for c in ("strategy", "batch_size", "replicas", "images", "images_per_s", "tokens_per_s", "p50_ms",
+                            "p95_ms", "peak_gib", "predicted_gib", "error_pct") if c in df.columns]
+        table = df[keep].to_html(index=False, float_format=lambda v: f"{v:.2f}")
+        img = ""
+        try:
+            buf = io.BytesIO()
+            self.plot().savefig(buf, format="png", dpi=80, bbox_inches="tight")
+            img = f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'/>"
+        except Exception as err:  # noqa: BLE001 - a table without a picture beats no table
+            img = f"<p>(no plot: {html.escape(str(err))})</p>"
+        return f"<div class='vlmlab-bench'>{table}{img}</div>"
+
+
+def bench(model=None, strategies=("single", "replicate"), batch_sizes=(8,), gpus=None, images=None, n_images=None,
+          max_new_tokens: int | None = None, dtype: str | None = None, random_weights: bool = False,
+          prompt: str | None = None, progress: bool = True, isolate: bool = False) -> BenchResult:
+    """Run the same images (default: the bundled samples) under each strategy and batch size.
+
+    ``isolate=True`` runs ``single`` and ``split`` in a worker process too, so this process never
+    holds GPU memory and each run's measured peaks are its own."""
+    from tqdm.auto import tqdm
+
+    from vlmlab.plan.planner import _hardware, plan as make_plan
+
+    hw, _ = _hardware(gpus)
+    dtype = dtype or ("float32" if hw.is_cpu else "bfloat16")
+    max_new_tokens = max_new_tokens or (32 if random_weights else 24)
+    if random_weights:
+        items = None
+        n = n_images or 64
+    else:
+        from vlmlab.run.images import collect
+
+        items = collect(images if images is not None else _samples())
+        n = len(items)
+    result = BenchResult()
+    runs = [(s, b) for s in strategies for b in batch_sizes]
+    bar = tqdm(runs, desc="bench", disable=not progress)
+    for strategy, batch_size in bar:
+        bar.set_postfix_str(f"{strategy} b{batch_size}")
+        p = make_plan(model, gpus=hw, strategy=strategy, dtype=dtype, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        result.plans[(strategy, batch_size)] = p
+        result.rows.append(_run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, isolate))
+    return result
+
+
+def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, isolate=False) -> dict:
+    import numpy as np
+
+    from vlmlab.run import workers
+
+    if random_weights:
+        per_batch = [min(batch_size, n - s) for s in range(0, n, batch_size)]
+        payloads, job = per_batch, "vlmlab.run.dry_run:synthetic_batch"
+        kwargs = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "warmup": batch_size}  # a full batch: kernels and allocator pools at steady state
+    else:
+        from vlmlab.run.target import ModelTarget  # the same defaults caption() uses for this model
+
+        target = ModelTarget(p, None, None)
+        prompt = prompt or target.default_prompt()
+        payloads = [items[s:s + batch_size] for s in range(0, n, batch_size)]
+        job = "vlmlab.run.batch:caption_items"
+        kwargs = {"prompt": prompt, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "warmup": items[:1]}
+    if len(p.replicas) > 1 or isolate:
+        rows, stats = workers.run_replicas(p, payloads, job, kwargs, load_kwargs={"random_weights": random_weights})
+    else:
+        from vlmlab.run.loading import load, unload
+
+        lm = load(p, random_weights=random_weights, force=True)
+        _reset_peaks(lm.devices)
+        try:
+            rows, stats = workers.run_in_process(lm, payloads, job, kwargs)
+        finally:
+            unload(lm)
+    lat = [r.get("batch_latency_ms", r.get("latency_ms")) for r in rows if r.get("latency_ms") is not None]
+    tokens = sum(r.get("n_tokens") or 0 for r in rows)
+    predicted = p.predicted()
+    out = {"strategy": p.strategy, "batch_size": batch_size, "replicas": len(p.replicas),
+           "gpus": ",".join(str(g) for r in p.replicas for g in r.gpus), "images": len(rows),
+           "seconds": stats.busy_s, "images_per_s": len(rows) / stats.busy_s if stats.busy_s else float("nan"),
+           "tokens_per_s": tokens / stats.busy_s if stats.busy_s else float("nan"),
+           "p50_ms": float(np.percentile(lat, 50)) if lat else float("nan"),
+           "p95_ms": float(np.percentile(lat, 95)) if lat else float("nan"),
+           "errors": sum(1 for r in rows if r.get("error")), "died": len(stats.died),
+           "steady_images_per_s": sum(stats.worker_rows[w] / stats.worker_s[w] for w in stats.worker_s if stats.worker_s[w]),
+           "load_s": max(stats.load_s.values(), default=float("nan")),
+           "batches_per_worker": ",".join(str(stats.batches[w]) for w in sorted(stats.batches))}
+    if stats.peaks:
+        worst = max(stats.peaks, key=lambda d: stats.peaks[d] / predicted.get(d, 1))
+        out.update(peak_gib=stats.peaks[worst] / GiB, predicted_gib=predicted.get(worst, 0) / GiB,
+                   error_pct=100 * (predicted.get(worst, 0) - stats.peaks[worst]) / stats.peaks[worst],
+                   peaks={str(d): b for d, b in stats.peaks.items()},
+                   predicted={str(d): b for d, b in predicted.items()})
+    return out
+
+
+def _reset_peaks(devices):
+    import torch
+
+    for d in devices:
+        if isinstance(d, int):
+            torch.cuda.reset_peak_memory_stats(d)
+
+
+def _samples():
+    from vlmlab.assets import SAMPLES_DIR
+
+    return SAMPLES_DIR

@@ -1,0 +1,199 @@
+"""One batch through the model: open the images, caption the good ones in one ``generate`` call,
+halve the batch on out-of-memory, isolate an image the model fails on. ``caption_items`` is the job
+that worker processes run (``vlmlab.run.batch:caption_items``); ``caption_batch`` is the only model call."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+from vlmlab.run.images import ImageError, ImageItem, open_image
+from vlmlab.run.prompts import build_prompt
+from vlmlab.run.target import ModelTarget
+
+#: error_kind values beyond images.ERROR_KINDS
+RUN_ERROR_KINDS = {
+    "oom": "out of memory even with one image per batch",
+    "failed": "the model or processor raised an error on this image alone",
+}
+
+
+def caption_batch(loaded_model, images: list, prompt: str | None, max_new_tokens: int | None) -> list[dict]:
+    """Caption a list of RGB PIL images in one ``generate`` call: ``[{"caption", "n_tokens"}, ...]``.
+    ``prompt`` / ``max_new_tokens`` None: the model's defaults (as in :func:`caption`).
+
+    The only place that runs the model; worker processes call exactly this. Raises what the model
+    raises (an out-of-memory error included): retrying is the caller's business.
+    """
+    import torch
+
+    lm = loaded_model
+    processor = lm.processor
+    if processor is None:
+        raise ValueError(f"{lm.name} has no processor (loaded with random_weights=True?): it cannot caption "
+                         f"images. Load it with its weights, e.g. vlmlab.load({lm.name!r}).")
+    if prompt is None or max_new_tokens is None:
+        target = ModelTarget(lm, None, None)
+        prompt = target.default_prompt() if prompt is None else prompt
+        max_new_tokens = target.default_max_new_tokens() if max_new_tokens is None else max_new_tokens
+    text = build_prompt(processor, prompt)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "left"  # decoder-only batching: the new tokens follow every prompt directly
+    if getattr(tokenizer, "pad_token", "") is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # e.g. Llama tokenizers ship without one
+    inputs = processor(images=list(images), text=[text] * len(images), return_tensors="pt", padding=True)
+    inputs = inputs.to(lm.input_device)
+    model_dtype = getattr(lm.model, "dtype", None)
+    if model_dtype is not None and model_dtype.is_floating_point:
+        for k, v in inputs.items():
+            if torch.is_tensor(v) and v.is_floating_point():
+                inputs[k] = v.to(model_dtype)
+    gen = lm.model.generation_config
+    pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
+    with torch.inference_mode():
+        output = lm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                   pad_token_id=pad)
+    new = output[:, inputs["input_ids"].shape[1]:].cpu()
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+    stop = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    return [{"caption": t.strip(), "n_tokens": _count_tokens(ids, stop, pad)} for t, ids in zip(texts, new.tolist())]
+
+
+def caption_items(loaded_model, items: list[ImageItem], prompt: str | None = None, max_new_tokens: int | None = None,
+                  batch_size: int | None = None, state=None) -> list[dict]:
+    """Rows for ``items`` (one each, in order): open every image, caption the good ones with
+    :func:`caption_batch` in batches of ``batch_size`` (default: all at once), halving on OOM.
+
+    ``state`` (optional, an object with ``limit`` and ``oom_retries``) carries the largest batch
+    known to fit from one call to the next and counts the OOM retries; without it, that is kept on
+    ``loaded_model`` (so a worker process does not run out of memory again on every batch).
+    """
+    if state is None:
+        state = loaded_model.__dict__.setdefault("_caption_state", BatchState(limit=sys.maxsize))
+    if prompt is None or max_new_tokens is None:  # resolved once here, not per batch
+        target = ModelTarget(loaded_model, None, None)
+        prompt = target.default_prompt() if prompt is None else prompt
+        max_new_tokens = target.default_max_new_tokens() if max_new_tokens is None else max_new_tokens
+    opened = open_all(items)
+    size = batch_size or max(len(opened), 1)
+    rows = []
+    for i in range(0, len(opened), size):
+        rows += caption_opened(loaded_model, opened[i:i + size], prompt, max_new_tokens, state)
+    return rows
+
+
+@dataclass
+class BatchState:
+    limit: int  # the largest batch that is known (or hoped) to fit
+    oom_retries: int = 0
+    succeeded: bool = False  # any image captioned in this run (tells a bad image from a bad model)
+
+
+def open_all(items):
+    out = []
+    for it in items:
+        try:
+            out.append((it, open_image(it)))
+        except ImageError as err:
+            out.append((it, err))
+    return out
+
+
+def caption_opened(lm, opened, prompt, max_new_tokens, state) -> list[dict]:
+    rows: dict[int, dict] = {}
+    good = []
+    for i, (it, x) in enumerate(opened):
+        if isinstance(x, ImageError):
+            rows[i] = _row(it.key, error=x.message, error_kind=x.kind)
+        else:
+            good.append((i, it, x))
+    device = _device_label(lm) if lm is not None else None
+    pos, size = 0, max(1, min(state.limit, len(good) or 1))
+    while pos < len(good):
+        group = good[pos:pos + size]
+        failure = None
+        try:
+            t0 = time.perf_counter()
+            outs = caption_batch(lm, [im for _, _, im in group], prompt, max_new_tokens)
+            ms = (time.perf_counter() - t0) * 1000 / len(group)
+        except Exception as err:  # noqa: BLE001 - sorted out below; KeyboardInterrupt passes
+            failure = (_is_oom(err), f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", err)
+        if failure is None:
+            state.succeeded = True
+            for (i, it, _), o in zip(group, outs):
+                rows[i] = _row(it.key, caption=o["caption"], n_tokens=o["n_tokens"], latency_ms=round(ms, 2),
+                               batch_size=len(group), device=device)
+            pos += len(group)
+            continue
+        oom, message, err = failure
+        failure = None
+        _free_memory(lm)
+        if oom and size > 1:
+            size = max(1, size // 2)
+            state.limit = size
+            state.oom_retries += 1
+            continue
+        if oom:
+            i, it, _ = group[0]
+            rows[i] = _row(it.key, error=f"{it.key}: out of memory even with one image per batch ({message}). "
+                                         f"Use a smaller max_new_tokens, a lower-precision dtype, or a plan with "
+                                         f"more memory (strategy='split').", error_kind="oom", batch_size=1,
+                           device=device)
+            pos += 1
+            continue
+        if len(group) > 1:  # find the image(s) the model fails on: one at a time
+            singles = BatchState(limit=1, succeeded=state.succeeded)
+            part = caption_opened(lm, [(it, im) for _, it, im in group], prompt, max_new_tokens, singles)
+            state.oom_retries += singles.oom_retries
+            state.succeeded = singles.succeeded
+            if not state.succeeded:
+                raise err  # every image fails and none ever worked: the model, not the images
+            for (i, _, _), r in zip(group, part):
+                rows[i] = r
+            pos += len(group)
+            continue
+        if not state.succeeded:
+            raise err
+        i, it, _ = group[0]
+        rows[i] = _row(it.key, error=f"{it.key}: the model failed on this image ({message}).", error_kind="failed",
+                       batch_size=1, device=device)
+        pos += 1
+    return [rows[i] for i in range(len(opened))]
+
+
+def _row(key, caption=None, error=None, error_kind=None, n_tokens=0, latency_ms=None, batch_size=None,
+         device=None) -> dict:
+    return {"image": key, "caption": caption, "error": error, "error_kind": error_kind, "n_tokens": n_tokens,
+            "latency_ms": latency_ms, "batch_size": batch_size, "device": device}
+
+
+def _count_tokens(ids, stop, pad) -> int:
+    n = 0
+    for t in ids:
+        if t in stop:
+            break
+        if t != pad:
+            n += 1
+    return n
+
+
+def _is_oom(err) -> bool:
+    import torch
+
+    oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(err, oom_type) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def _free_memory(lm):
+    import gc
+
+    gc.collect()
+    if lm is not None and any(isinstance(d, int) for d in lm.devices):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _device_label(lm) -> str:
+    return ",".join(f"cuda:{d}" if isinstance(d, int) else str(d) for d in lm.devices)
