@@ -1,0 +1,212 @@
+"""The fast generation path's logic on the CPU: which path is chosen and why, cache shapes, batch
+padding, the static cache reused across calls, and the roofline arithmetic. (The compiled path
+itself needs a GPU: benchmarks/gpu_fast_path.py measures it.)"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from vlmlab.run import fast_generate as fg
+
+
+# ---- shapes and batches ------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt,new,expected", [(592, 32, 640), (608, 32, 640), (609, 32, 704), (1, 1, 64), (16, 48, 64)])
+def test_cache_length_rounds_up_to_the_bucket(prompt, new, expected):
+    assert fg.cache_length(prompt, new) == expected
+    assert fg.cache_length(prompt, new, bucket=1) == prompt + new
+
+
+def test_cache_length_refuses_nonsense():
+    with pytest.raises(ValueError, match="must be positive"):
+        fg.cache_length(0, 32)
+
+
+@pytest.mark.parametrize("n,compiled,expected", [(10, 64, 64), (64, 64, 64), (80, 64, 80), (3, None, 3)])
+def test_padded_size(n, compiled, expected):
+    assert fg.padded_size(n, compiled) == expected
+
+
+@pytest.mark.parametrize("n,limit,expected", [(512, 192, 171), (512, 128, 128), (512, 600, 512), (7, 2, 2), (1, 64, 1)])
+def test_even_batches(n, limit, expected):
+    size = fg.even_batches(n, limit)
+    assert size == expected
+    batches = -(-n // size)
+    assert size <= limit and batches == -(-n // limit)  # no more batches than the limit needs
+    assert batches * size - n < batches  # the padding is less than one row per batch
+
+
+# ---- choice of path ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_meta():
+    from vlmlab.model.spec import spec
+
+    return spec("vlmlab/tiny-captioner").modules  # a LlavaForConditionalGeneration on the meta device
+
+
+def test_static_on_one_gpu(tiny_meta):
+    mode, why = fg.choose_generation(tiny_meta, [0])
+    assert mode == "static+compile" and "one GPU" in why
+
+
+@pytest.mark.parametrize("devices,needle", [(["cpu"], "not on a GPU"), ([0, 1], "split over 2 GPUs"), ([], "not on a GPU")])
+def test_eager_fallback_says_why(tiny_meta, devices, needle):
+    mode, why = fg.choose_generation(tiny_meta, devices)
+    assert mode == "eager" and needle in why
+
+
+def test_eager_when_the_model_does_not_declare_compile_support(tiny_meta):
+    cls = type(type(tiny_meta).__name__ + "NoCompile", (type(tiny_meta),), {"_can_compile_fullgraph": False})
+    model = cls.__new__(cls)  # only the class is read
+    mode, why = fg.choose_generation(model, [0])
+    assert mode == "eager" and "_can_compile_fullgraph" in why
+
+
+def test_eager_for_a_quantisation_that_cannot_compile(tiny_meta):
+    cls = type(tiny_meta)
+    model = cls.__new__(cls)  # the class declares compile support, the instance's quantiser denies it
+    vars(model)["hf_quantizer"] = SimpleNamespace(is_compileable=False)
+    mode, why = fg.choose_generation(model, [0])
+    assert mode == "eager" and "quantisation" in why
+
+
+def test_asked_paths(tiny_meta):
+    assert fg.choose_generation(tiny_meta, [0], "eager") == ("eager", "eager generate was asked for")
+    assert fg.choose_generation(tiny_meta, [0], None)[0] == "static+compile"
+    with pytest.raises(ValueError, match="not possible here: not on a GPU"):
+        fg.choose_generation(tiny_meta, ["cpu"], "static+compile")
+    with pytest.raises(ValueError, match="generation must be one of auto, static\\+compile, eager"):
+        fg.choose_generation(tiny_meta, [0], "fast")
+
+
+def test_cache_keyword_follows_the_forward_signature(tiny_meta):
+    def new(input_ids=None, cache=None, use_cache=None): ...
+    def old(input_ids=None, past_key_values=None, use_cache=None): ...
+    assert fg.cache_keyword(type(tiny_meta).forward) in ("cache", "past_key_values")
+    assert fg.cache_keyword(new) == "cache" and fg.cache_keyword(old) == "past_key_values"
+
+
+# ---- the static cache on the CPU (no compile there: transformers compiles on accelerators only) --
+@pytest.fixture(scope="module")
+def tiny():
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlmlab.model.spec import spec
+
+    ms = spec("vlmlab/tiny-captioner")
+    model = AutoModelForImageTextToText.from_pretrained(ms.path, dtype=torch.float32).eval()
+    return ms, model
+
+
+def _inputs(ms, batch, seed=0):
+    from vlmlab.model.dummy_inputs import caption_inputs
+
+    return caption_inputs(ms, batch, prompt_tokens=6, seed=seed)
+
+
+def test_static_cache_matches_eager_and_is_reused(tiny):
+    import torch
+
+    ms, model = tiny
+    gen = fg.FastGenerator(model, compile_prefill=False)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with torch.inference_mode():
+        for seed in (0, 1):  # the second call resets and reuses the first call's cache
+            inputs = _inputs(ms, 3, seed)
+            eager = model.generate(**inputs, **kw)
+            fast = gen.generate(inputs, **kw)
+            assert torch.equal(fast, eager)
+            if seed == 0:
+                first_cache = gen._cache
+        assert gen._cache is first_cache
+        assert list(gen.compile_s) == [(3, fg.cache_length(inputs["input_ids"].shape[1], 5))]
+        assert gen.batch_size == 3
+        gen.generate(_inputs(ms, 2), **kw)  # a new shape: a new cache, and the old one is let go
+        assert gen.batch_size == 2 and gen._cache is not first_cache and len(gen.compile_s) == 2
+    gen.close()
+    assert gen.batch_size is None
+
+
+def test_compiled_prefill_wraps_and_unwraps_the_decoder(tiny):
+    _, model = tiny
+    decoder = model.get_decoder()
+    gen = fg.FastGenerator(model)  # wrapping compiles nothing until a call
+    assert "forward" in vars(decoder)
+    wrapped = vars(decoder)["forward"]
+    second = fg.FastGenerator(model)  # a second generator on the same model leaves the wrapper be
+    assert vars(decoder)["forward"] is wrapped
+    second.close()
+    assert vars(decoder)["forward"] is wrapped  # and does not remove what it did not put there
+    gen.close()
+    assert "forward" not in vars(decoder)
+
+
+# ---- roofline ----------------------------------------------------------------------------------
+def _toy_spec(tied=False):
+    dims = SimpleNamespace(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32, vocab=100, vision_tokens=10,
+                           vision_layers=1, vision_hidden=16)
+    params = {"vision": 1000, "projector": 100, "embeddings": 3200, "layers": 20000, "norm": 32,
+              "head": 0 if tied else 3200, "other": 0}
+    return SimpleNamespace(dims=dims, tied_head=tied, params_by_component=lambda: dict(params))
+
+
+def test_prefill_flops_by_hand():
+    from vlmlab.observe import roofline
+
+    s = _toy_spec()
+    per_prompt = (2 * 20032 * 12 + 2 * 3200  # linear layers on 12 tokens, the head on the last one
+                  + 2 * 2 * 4 * 8 * 12 ** 2  # causal attention: QK^T and AV, half each
+                  + 2 * 1100 * 10 + 4 * 1 * 16 * 10 ** 2)  # the vision tower and its attention
+    assert roofline.prefill_flops(s, 3, 12) == 3 * per_prompt
+
+
+def test_decode_bytes_by_hand():
+    from vlmlab.observe import roofline
+
+    weights = (20000 + 32 + 3200) * 2
+    kv = 2 * 2 * 2 * 8 * 50 * 4 * 2  # K and V, 2 layers, 2 KV heads of 8, 50 positions, batch 4, bf16
+    assert roofline.decode_bytes(_toy_spec(), 4, 50) == weights + kv
+    assert roofline.decode_bytes(_toy_spec(tied=True), 4, 50) == weights + kv  # a tied head reads the embedding
+    assert roofline.decode_bytes(_toy_spec(), 4, 50, "int8") == weights / 2 + kv
+    with pytest.raises(ValueError, match="unknown dtype"):
+        roofline.decode_bytes(_toy_spec(), 1, 1, "fp8")
+
+
+def test_achieved_rates_and_percentages():
+    from vlmlab.observe import roofline
+
+    s = _toy_spec()
+    gpu = SimpleNamespace(bandwidth=1000.0, bf16_tflops=100.0)
+    flops, moved = roofline.prefill_flops(s, 2, 12), roofline.decode_bytes(s, 2, 64)
+    r = roofline.achieved(s, gpu, batch=2, prompt_tokens=12, prefill_s=flops / 50e12, decode_step_s=moved / 250e9,
+                          kv_tokens=64)
+    assert r["prefill_tflops"] == pytest.approx(50) and r["prefill_pct_peak"] == pytest.approx(50)
+    assert r["decode_gbs"] == pytest.approx(250) and r["decode_pct_peak"] == pytest.approx(25)
+    assert roofline.describe(r) == "prefill 50 TFLOP/s (50% of peak), decode 250 GB/s (25% of peak)"
+    unknown = roofline.achieved(s, SimpleNamespace(bandwidth=None), batch=2, prompt_tokens=12, decode_step_s=1.0)
+    assert unknown["decode_pct_peak"] is None and unknown["prefill_tflops"] is None
+    assert roofline.decode_roofline_tokens_per_s(s, gpu, batch=2, kv_tokens=64) == pytest.approx(2 * 1e12 / moved)
+    assert roofline.decode_roofline_tokens_per_s(s, SimpleNamespace(bandwidth=None)) is None
+
+
+def test_llava_decode_roofline_on_an_h200():
+    """The 7B's batch-1 decode reads about 13.5 GB a token: about 355 tokens/s at 4.8 TB/s."""
+    from vlmlab.hardware import gpus
+    from vlmlab.model.spec import spec
+    from vlmlab.observe import roofline
+
+    s = spec("llava-1.5-7b")
+    assert roofline.decode_bytes(s, 1, 624) == pytest.approx(13.5e9, rel=0.01)
+    assert roofline.decode_roofline_tokens_per_s(s, gpus("h200")[0], 1, 624) == pytest.approx(355, rel=0.01)
+
+
+def test_generation_for_is_decided_once_per_loaded_model(tiny):
+    _, model = tiny
+    lm = SimpleNamespace(model=model, devices=["cpu"])
+    mode, reason, gen = fg.generation_for(lm)
+    assert (mode, gen) == ("eager", None) and "not on a GPU" in reason
+    assert fg.generation_for(lm) == (mode, reason, gen)
+    assert fg.generation_for(lm, "eager")[1] == "eager generate was asked for"
+    fg.forget(lm)
+    assert "_generation" not in vars(lm)

@@ -1,0 +1,201 @@
+"""The fast generation path: a static KV cache and compiled prefill and decode on one GPU.
+
+``choose_generation`` picks the path from what the model and its placement allow, and says why;
+``FastGenerator`` runs ``generate`` on it:
+
+- one ``StaticCache`` per (batch, cache length), allocated and initialised before the first
+  forward (so torch marks its tensors as static addresses and the decode step can run as a CUDA
+  graph), reset and reused by every later call of that shape;
+- decode: transformers compiles the model's forward itself when the cache is static
+  (``mode="reduce-overhead"``: inductor kernels replayed as CUDA graphs);
+- prefill: the language model's forward is compiled too (``dynamic=False``), which fuses the
+  norms, rotary embeddings and MLP activations that eager prefill spends a fifth of its time on
+  (measured on an H200: llava-1.5-7b, batch 64, 0.95 s instead of 1.15 s);
+- the cache length is rounded up to ``CACHE_BUCKET`` tokens and callers pad a last, smaller
+  batch to the compiled batch size (``padded_size``), so that a run compiles each shape once.
+
+Compiling costs tens of seconds per shape the first time (37-51 s for a 7B decode step on an
+H200); ``FastGenerator.compile_s`` records it per shape and ``on_compile`` lets a progress bar
+say so. Anywhere else (the CPU, a model split over several GPUs, a model that does not declare
+``torch.compile`` support, a quantisation that cannot be compiled) it is plain eager ``generate``.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+
+STATIC = "static+compile"
+EAGER = "eager"
+MODES = ("auto", STATIC, EAGER)
+#: cache lengths are multiples of this, so prompts of slightly different lengths share a graph
+CACHE_BUCKET = 64
+
+
+def cache_length(prompt_tokens: int, max_new_tokens: int, bucket: int = CACHE_BUCKET) -> int:
+    """Tokens the static cache holds: prompt plus new tokens, rounded up to ``bucket``."""
+    if prompt_tokens < 1 or max_new_tokens < 1 or bucket < 1:
+        raise ValueError(f"prompt_tokens, max_new_tokens and bucket must be positive, got "
+                         f"{prompt_tokens}, {max_new_tokens}, {bucket}")
+    need = prompt_tokens + max_new_tokens
+    return -(-need // bucket) * bucket
+
+
+def padded_size(n: int, compiled: int | None) -> int:
+    """Rows to run for ``n`` inputs: a batch smaller than the compiled one is padded up to it
+    (one wasted partial batch costs less than compiling a new shape)."""
+    if n < 1:
+        raise ValueError(f"a batch holds at least one input, got {n}")
+    return compiled if compiled is not None and n < compiled else n
+
+
+def even_batches(n: int, limit: int) -> int:
+    """The batch size that splits ``n`` inputs into the fewest batches of at most ``limit``, as
+    evenly as possible: 512 images with room for 192 run as 3 batches of 171, not 192+192+128
+    (a last batch padded to 192 would waste 64 rows)."""
+    if n < 1 or limit < 1:
+        raise ValueError(f"n and limit must be positive, got {n} and {limit}")
+    batches = -(-n // limit)
+    return -(-n // batches)
+
+
+def choose_generation(model, devices, requested: str | None = "auto") -> tuple[str, str]:
+    """``(mode, reason)``: ``"static+compile"`` where the model and its placement allow it, else
+    ``"eager"`` with the reason. ``requested="static+compile"`` raises instead of falling back."""
+    if requested is None:
+        requested = "auto"
+    if requested not in MODES:
+        raise ValueError(f"generation must be one of {', '.join(MODES)}, got {requested!r}")
+    if requested == EAGER:
+        return EAGER, "eager generate was asked for"
+    reason = _why_not_static(model, devices)
+    if reason is None:
+        return STATIC, f"{type(model).__name__} on one GPU: static KV cache, compiled prefill and decode"
+    if requested == STATIC:
+        raise ValueError(f"generation='static+compile' is not possible here: {reason}")
+    return EAGER, reason
+
+
+def _why_not_static(model, devices) -> str | None:
+    devices = list(devices)
+    if not devices or not all(isinstance(d, int) for d in devices):
+        return "not on a GPU: a compiled decode pays off through CUDA graphs"
+    if len(devices) > 1:
+        return f"split over {len(devices)} GPUs: the compiled path runs a model on one device"
+    cls = type(model)
+    if not getattr(cls, "_can_compile_fullgraph", False):
+        return f"{cls.__name__} does not declare torch.compile support (_can_compile_fullgraph)"
+    supports_cache = getattr(cls, "_supports_default_dynamic_cache", None)
+    if supports_cache is not None and not supports_cache():
+        return f"{cls.__name__} keeps no transformers Cache, so it has no static cache"
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not getattr(quantizer, "is_compileable", False):
+        return f"its quantisation ({type(quantizer).__name__}) cannot be compiled"
+    return None
+
+
+def cache_keyword(forward) -> str:
+    """The name a model takes its Cache by, read from its ``forward``: ``cache`` in newer
+    transformers 5 releases (5.24), ``past_key_values`` before (5.17); ``generate`` takes the same."""
+    params = inspect.signature(forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class FastGenerator:
+    """``generate`` on the static-cache path for one model on one GPU; reuse it across calls."""
+
+    def __init__(self, model, on_compile=None, compile_prefill: bool = True):
+        self.model = model
+        self.on_compile = on_compile  # called with a message before a shape compiles
+        self.compile_s: dict[tuple[int, int], float] = {}  # (batch, cache length) -> first call's seconds
+        self._cache = None
+        self._cache_key = None
+        self._cache_kw = cache_keyword(type(model).forward)
+        self._patched = None
+        # a cache allocated lazily inside the compiled prefill would not be a static address, and the
+        # decode step would lose its CUDA graph: compile the prefill only where the cache can be made first
+        self._init_shape = getattr(model, "_get_static_cache_init_shape", lambda: None)()
+        if compile_prefill and self._init_shape is not None:
+            self._compile_prefill()
+
+    @property
+    def batch_size(self) -> int | None:
+        """The batch size of the shape compiled most recently (None before any call)."""
+        return self._cache_key[0] if self._cache_key is not None else None
+
+    def _compile_prefill(self):
+        import torch
+
+        try:
+            decoder = self.model.get_decoder()
+        except (AttributeError, ValueError, NotImplementedError):
+            return  # prefill stays eager; decode is still compiled by generate
+        if "forward" in vars(decoder):
+            return  # already wrapped (by another FastGenerator on this model)
+        decoder.forward = torch.compile(decoder.forward, dynamic=False)
+        self._patched = decoder
+
+    def close(self):
+        """Undo the compiled prefill and free the cache."""
+        if self._patched is not None:
+            vars(self._patched).pop("forward", None)
+            self._patched = None
+        self._cache = self._cache_key = None
+
+    def generate(self, inputs: dict, max_new_tokens: int, **kwargs):
+        """``model.generate(**inputs, ...)`` with this shape's static cache; returns its output."""
+        import torch
+
+        batch, prompt = inputs["input_ids"].shape[:2]
+        key = (int(batch), cache_length(int(prompt), max_new_tokens))
+        cache = self._cache_for(key)
+        first = key not in self.compile_s
+        if first and self.on_compile is not None:
+            self.on_compile(f"compiling for batch {key[0]}, {key[1]} cache tokens (once per shape)")
+        t0 = time.perf_counter()
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **{self._cache_kw: cache}, **kwargs)
+        if first:
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize(self.model.device)
+            self.compile_s[key] = time.perf_counter() - t0
+        return out
+
+    def _cache_for(self, key):
+        if self._cache_key == key:
+            self._cache.reset()
+            return self._cache
+        from transformers import StaticCache
+
+        self._cache = self._cache_key = None  # the old shape's memory goes before the new one is taken
+        model = self.model
+        cache = StaticCache(config=model.config, max_cache_len=key[1])
+        shape = self._init_shape
+        if shape is not None:
+            # allocated here, outside any compiled region, so torch marks the tensors as static
+            # addresses ("skipping cudagraphs due to mutated inputs" otherwise)
+            cache.early_initialization(batch_size=key[0], num_heads=shape[0], head_dim=shape[1],
+                                       dtype=model.dtype, device=model.device)
+        self._cache, self._cache_key = cache, key
+        return cache
+
+
+
+def generation_for(loaded_model, requested: str | None = "auto") -> tuple[str, str, FastGenerator | None]:
+    """``(mode, reason, generator)`` for a LoadedModel, decided once and kept on it, so that every
+    batch of a run (and every later run) reuses the same cache and compiled graphs. The generator
+    is None on the eager path."""
+    kept = loaded_model.__dict__.get("_generation")
+    if kept is not None and kept[0] == (requested or "auto"):
+        return kept[1:]
+    if kept is not None and kept[3] is not None:
+        kept[3].close()
+    mode, reason = choose_generation(loaded_model.model, loaded_model.devices, requested)
+    generator = FastGenerator(loaded_model.model) if mode == STATIC else None
+    loaded_model.__dict__["_generation"] = (requested or "auto", mode, reason, generator)
+    return mode, reason, generator
+
+
+def forget(loaded_model) -> None:
+    """Drop a LoadedModel's generator (on unload): its cache and the compiled prefill wrapper."""
+    kept = loaded_model.__dict__.pop("_generation", None)
+    if kept is not None and kept[3] is not None:
+        kept[3].close()
