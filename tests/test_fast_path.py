@@ -128,18 +128,43 @@ def test_static_cache_matches_eager_and_is_reused(tiny):
     assert gen.batch_size is None
 
 
-def test_compiled_prefill_wraps_and_unwraps_the_decoder(tiny):
-    _, model = tiny
-    decoder = model.get_decoder()
-    gen = fg.FastGenerator(model)  # wrapping compiles nothing until a call
-    assert "forward" in vars(decoder)
-    wrapped = vars(decoder)["forward"]
-    second = fg.FastGenerator(model)  # a second generator on the same model leaves the wrapper be
-    assert vars(decoder)["forward"] is wrapped
-    second.close()
-    assert vars(decoder)["forward"] is wrapped  # and does not remove what it did not put there
-    gen.close()
+def test_compiled_prefill_is_on_the_decoder_only_during_a_call(tiny, monkeypatch):
+    import torch
+
+    ms, model = tiny
+    decoder, calls = model.get_decoder(), []
+
+    def fake_compile(fn, **kw):  # inductor on two CPU cores takes minutes: count the calls instead
+        assert kw == {"dynamic": False}
+
+        def wrapped(*a, **k):
+            calls.append(a[0].shape if a else k.get("input_ids", k.get("inputs_embeds")).shape)
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    gen = fg.FastGenerator(model)
     assert "forward" not in vars(decoder)
+    with torch.inference_mode():
+        gen.generate(_inputs(ms, 2), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        assert calls, "the prefill went through the compiled forward"
+        assert "forward" not in vars(decoder)  # gone again after the call
+        n = len(calls)
+        model.generate(**_inputs(ms, 2), max_new_tokens=3, do_sample=False)  # plain generate: never the compiled one
+    assert len(calls) == n
+
+
+def test_an_error_lets_the_cache_go_and_keeps_the_last_good_batch(tiny, monkeypatch):
+    import torch
+
+    ms, model = tiny
+    gen = fg.FastGenerator(model, compile_prefill=False)
+    with torch.inference_mode():
+        gen.generate(_inputs(ms, 2), max_new_tokens=2, do_sample=False)
+        monkeypatch.setattr(model, "generate", lambda **kw: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
+        with pytest.raises(RuntimeError, match="out of memory"):
+            gen.generate(_inputs(ms, 4), max_new_tokens=2, do_sample=False)
+    assert gen._cache is None and gen.batch_size == 2
 
 
 # ---- roofline ----------------------------------------------------------------------------------

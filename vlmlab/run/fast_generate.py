@@ -101,26 +101,25 @@ def cache_keyword(forward) -> str:
 
 
 class FastGenerator:
-    """``generate`` on the static-cache path for one model on one GPU; reuse it across calls."""
+    """``generate`` on the static-cache path for one model on one GPU; reuse it across calls.
+
+    The compiled prefill is put on the language model only for the length of a call, so that an
+    eager ``generate`` of the same model (profiling, say) never runs it."""
 
     def __init__(self, model, on_compile=None, compile_prefill: bool = True):
         self.model = model
         self.on_compile = on_compile  # called with a message before a shape compiles
         self.compile_s: dict[tuple[int, int], float] = {}  # (batch, cache length) -> first call's seconds
+        self.batch_size: int | None = None  # the batch of the last call that succeeded: pad smaller ones to it
         self._cache = None
         self._cache_key = None
         self._cache_kw = cache_keyword(type(model).forward)
-        self._patched = None
         # a cache allocated lazily inside the compiled prefill would not be a static address, and the
         # decode step would lose its CUDA graph: compile the prefill only where the cache can be made first
         self._init_shape = getattr(model, "_get_static_cache_init_shape", lambda: None)()
+        self._decoder = self._prefill = None
         if compile_prefill and self._init_shape is not None:
             self._compile_prefill()
-
-    @property
-    def batch_size(self) -> int | None:
-        """The batch size of the shape compiled most recently (None before any call)."""
-        return self._cache_key[0] if self._cache_key is not None else None
 
     def _compile_prefill(self):
         import torch
@@ -129,34 +128,41 @@ class FastGenerator:
             decoder = self.model.get_decoder()
         except (AttributeError, ValueError, NotImplementedError):
             return  # prefill stays eager; decode is still compiled by generate
-        if "forward" in vars(decoder):
-            return  # already wrapped (by another FastGenerator on this model)
-        decoder.forward = torch.compile(decoder.forward, dynamic=False)
-        self._patched = decoder
+        self._decoder, self._prefill = decoder, torch.compile(decoder.forward, dynamic=False)
 
     def close(self):
-        """Undo the compiled prefill and free the cache."""
-        if self._patched is not None:
-            vars(self._patched).pop("forward", None)
-            self._patched = None
+        """Let go of the cache and the compiled prefill."""
+        self._decoder = self._prefill = None
         self._cache = self._cache_key = None
+        self.batch_size = None
 
     def generate(self, inputs: dict, max_new_tokens: int, **kwargs):
-        """``model.generate(**inputs, ...)`` with this shape's static cache; returns its output."""
+        """``model.generate(**inputs, ...)`` with this shape's static cache; returns its output.
+        On an error (out of memory, say) the cache is let go before the error propagates."""
         import torch
 
         batch, prompt = inputs["input_ids"].shape[:2]
         key = (int(batch), cache_length(int(prompt), max_new_tokens))
-        cache = self._cache_for(key)
         first = key not in self.compile_s
         if first and self.on_compile is not None:
             self.on_compile(f"compiling for batch {key[0]}, {key[1]} cache tokens (once per shape)")
         t0 = time.perf_counter()
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **{self._cache_kw: cache}, **kwargs)
+        if self._prefill is not None:
+            vars(self._decoder)["forward"] = self._prefill
+        try:
+            cache = self._cache_for(key)
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **{self._cache_kw: cache}, **kwargs)
+        except BaseException:
+            self._cache = self._cache_key = None
+            raise
+        finally:
+            if self._decoder is not None:
+                vars(self._decoder).pop("forward", None)
         if first:
             if self.model.device.type == "cuda":
                 torch.cuda.synchronize(self.model.device)
             self.compile_s[key] = time.perf_counter() - t0
+        self.batch_size = key[0]
         return out
 
     def _cache_for(self, key):
@@ -183,19 +189,16 @@ def generation_for(loaded_model, requested: str | None = "auto") -> tuple[str, s
     """``(mode, reason, generator)`` for a LoadedModel, decided once and kept on it, so that every
     batch of a run (and every later run) reuses the same cache and compiled graphs. The generator
     is None on the eager path."""
-    kept = loaded_model.__dict__.get("_generation")
-    if kept is not None and kept[0] == (requested or "auto"):
-        return kept[1:]
-    if kept is not None and kept[3] is not None:
-        kept[3].close()
-    mode, reason = choose_generation(loaded_model.model, loaded_model.devices, requested)
-    generator = FastGenerator(loaded_model.model) if mode == STATIC else None
-    loaded_model.__dict__["_generation"] = (requested or "auto", mode, reason, generator)
-    return mode, reason, generator
+    kept = loaded_model.__dict__.setdefault("_generation", {})
+    requested = requested or "auto"
+    if requested not in kept:
+        mode, reason = choose_generation(loaded_model.model, loaded_model.devices, requested)
+        kept[requested] = (mode, reason, FastGenerator(loaded_model.model) if mode == STATIC else None)
+    return kept[requested]
 
 
 def forget(loaded_model) -> None:
     """Drop a LoadedModel's generator (on unload): its cache and the compiled prefill wrapper."""
-    kept = loaded_model.__dict__.pop("_generation", None)
-    if kept is not None and kept[3] is not None:
-        kept[3].close()
+    for _, _, generator in loaded_model.__dict__.pop("_generation", {}).values():
+        if generator is not None:
+            generator.close()
