@@ -1,0 +1,74 @@
+"""A test set of configs for every image-text-to-text model type transformers can build here.
+
+Each config is transformers' own default for the ``model_type`` (``AutoConfig.for_model``), made
+small by a generic shrink: every (sub-)config's layer counts become 2 (per-layer lists such as
+``layer_types`` are dropped so the config re-derives them), so module trees build on the meta
+device in a fraction of a second while widths, head counts, vocabularies and image geometry stay
+the published defaults. ``PUBLISHED`` lists types also built at their full default size.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+LAYER_KEYS = ("num_hidden_layers", "num_layers", "depth", "n_layers", "encoder_layers", "decoder_layers",
+              "num_decoder_layers", "text_layers", "vision_layers")
+PER_LAYER_LISTS = ("layer_types", "mlp_only_layers", "full_attention_layers", "fullatt_block_indexes")
+SMALL_LAYERS = 2
+PUBLISHED = ("llava", "qwen2_vl", "gemma3", "idefics3", "mllama")
+
+
+def image_text_types() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+def _shrink(d: dict, layers: int) -> dict:
+    out = {}
+    old = {v for k, v in d.items() if k in LAYER_KEYS and isinstance(v, int) and v > layers}
+    for k, v in d.items():
+        if k == "per_layer_config" and isinstance(v, dict):
+            out[k] = {i: c for i, c in v.items() if str(i).isdigit() and int(i) < layers}
+        elif isinstance(v, dict) and k != "rope_parameters" and k != "rope_scaling":
+            out[k] = _shrink(v, layers)
+        elif k in LAYER_KEYS and isinstance(v, int) and v > layers:
+            out[k] = layers
+        elif isinstance(v, list) and len(v) in old:  # one entry per layer: keep the first ones
+            out[k] = v[:layers]
+        elif k in PER_LAYER_LISTS:
+            continue
+        elif k == "cross_attention_layers" and isinstance(v, list):
+            out[k] = [i for i in v if i < layers][:1] or [layers - 1]
+        elif k in ("vision_feature_layer",) and isinstance(v, int) and v >= 0:
+            out[k] = min(v, layers - 1)
+        elif k in ("vision_feature_layers", "intermediate_layers_indices", "out_indices", "deepstack_visual_indexes") \
+                and isinstance(v, list):
+            out[k] = [i for i in v if isinstance(i, int) and (i < 0 or i < layers)][:1] or [layers - 1]
+        else:
+            out[k] = v
+    return out
+
+
+def build_config(model_type: str, small: bool = True):
+    """The default config of ``model_type``, shrunk to 2 layers per stack unless ``small=False``."""
+    from transformers import AutoConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = AutoConfig.for_model(model_type)
+        if not small:
+            return config
+        d = _shrink(copy.deepcopy(config.to_dict()), SMALL_LAYERS)
+        d.pop("model_type", None)
+        d.pop("transformers_version", None)
+        return AutoConfig.for_model(model_type, **d)
+
+
+def zoo(small: bool = True, types=None):
+    """(model_type, config or the exception that building it raised) for every type."""
+    for t in types or image_text_types():
+        try:
+            yield t, build_config(t, small)
+        except Exception as err:  # noqa: BLE001 - recorded: a type transformers cannot configure here
+            yield t, err
