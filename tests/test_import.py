@@ -76,3 +76,21 @@ def test_dir_and_unknown_attribute():
         assert name in names
     with pytest.raises(AttributeError, match="module 'vlmlab' has no attribute 'no_such_thing'"):
         vlmlab.no_such_thing  # noqa: B018
+
+
+def test_old_import_paths_warn_and_still_work():
+    r = run("""
+import json, warnings
+import vlmlab
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import vlmlab.plans, vlmlab.profiling
+    from vlmlab.plans import Plan
+    from vlmlab.profiling import Profile, Profiler, MemorySampler
+kinds = sorted({w.category.__name__ for w in caught})
+print(json.dumps({"kinds": kinds, "Plan": Plan is vlmlab.Plan, "Profile": Profile is vlmlab.Profile,
+                  "Profiler": Profiler is vlmlab.Profiler, "MemorySampler": MemorySampler is vlmlab.MemorySampler,
+                  "catalog": "llava-1.5-7b" in vlmlab.catalog.names(), "plan_callable": callable(vlmlab.plan)}))
+""")
+    assert r == {"kinds": ["DeprecationWarning"], "Plan": True, "Profile": True, "Profiler": True,
+                 "MemorySampler": True, "catalog": True, "plan_callable": True}
