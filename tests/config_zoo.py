@@ -72,3 +72,49 @@ def zoo(small: bool = True, types=None):
             yield t, build_config(t, small)
         except Exception as err:  # noqa: BLE001 - recorded: a type transformers cannot configure here
             yield t, err
+
+
+# ---- the check the test set runs: spec, then a split plan, each succeeding or refusing --------
+
+OUR_REFUSALS = ("RolesUnknown", "ImageTokensUnknown", "PlanError", "DeviceMapError")
+
+
+def check(model_type: str, small: bool = True, gpus: str = "2x80GiB") -> dict:
+    """One row: outcome 'plan' | 'refused' (with our specific message) | 'crash' | 'unbuildable'
+    (transformers itself cannot configure or build the type here), plus what was checked."""
+    import vlmlab
+    from vlmlab.model.spec import build
+    from vlmlab.plan.devicemap import owner_of
+
+    row = {"model_type": model_type, "size": "small" if small else "published"}
+    try:
+        config = build_config(model_type, small)
+        from vlmlab.model.catalog import build_meta_model
+
+        modules = build_meta_model(config, include_buffers=True)
+    except Exception as err:  # noqa: BLE001
+        return {**row, "outcome": "unbuildable", "message": f"{type(err).__name__}: {str(err)[:200]}"}
+    try:
+        spec = build(model_type, config, "config", modules=modules)
+        row.update(params=spec.num_parameters, image_tokens=spec.dims.image_tokens,
+                   image_tokens_source=spec.image_tokens_source, roles={r: v for r, v in spec.roles.items()})
+        plan = vlmlab.plan(spec, gpus, strategy="split")
+    except Exception as err:  # noqa: BLE001
+        name = type(err).__name__
+        outcome = "refused" if name in OUR_REFUSALS else "crash"
+        return {**row, "outcome": outcome, "message": f"{name}: {str(err)[:300]}"}
+    dm = plan.replicas[0].device_map
+    placed = {p: dm[owner_of(p, dm)] for p, *_ in spec.params if owner_of(p, dm) is not None}
+    covered = len(placed) == len(spec.params) == len({n for n, _ in spec.modules.named_parameters()})
+    by_component: dict = {}
+    for pname, component, *_ in spec.params:
+        if component in ("vision", "projector", "embeddings"):
+            by_component.setdefault(component, set()).add(placed.get(pname))
+    colocated = len(set().union(*by_component.values())) == 1 if by_component else True
+    tied_ok = True
+    for group in spec.tied:
+        devices = {dm[k] for k in (owner_of(n, dm) for n in group) if k is not None}
+        tied_ok &= len(devices) <= 1
+    borrowed = not spec.image_tokens_source.startswith(("processor", "config", "override", "given"))
+    return {**row, "outcome": "plan", "devices": len(plan.replicas[0].gpus), "covered": covered,
+            "colocated": colocated, "tied_kept": tied_ok, "borrowed": borrowed}

@@ -1,8 +1,9 @@
-"""vlmlab.model.families: each adapter finds the vision tower, projector, embeddings, layers, norm and head.
+"""Roles of each family: the vision tower, projector, embeddings, layers, norm and head.
 
-Catalogue families are checked on the real catalogue models built on the meta device; the
-remote-code families (InternLM-XComposer2, CogVLM, MiniCPM-V) on small torch module trees that
-use the same module names as their published code, with a fake config.
+Catalogue families are read from the catalogue models built on the meta device (no table: see
+vlmlab.model.introspect); the remote-code overrides (InternLM-XComposer2, ShareCaptioner, CogVLM,
+MiniCPM-V, OmniLMM) on small torch module trees that use the same module names as their published
+code, with a fake config.
 """
 from types import SimpleNamespace
 
@@ -10,15 +11,16 @@ import pytest
 import torch.nn as nn
 
 import vlmlab
-from vlmlab.model.families import COLOCATED, FAMILIES, ROLES, family_for
+from vlmlab.model.families import COLOCATED, OVERRIDES, ROLES, family_for
 from vlmlab.model.spec import build
 
 LLM = "model.language_model"
-# catalogue name -> (family, {role: expected names}, image tokens per image at the default resolution)
+# catalogue name -> (model type, {role: expected names}, image tokens per 448x448 image)
 # Image tokens by hand: LLaVA-1.5 (336/14)^2 = 576; LLaVA-NeXT anyres 576 base + 4*576 tiles + 2*24 newlines
-# = 2928; Qwen2-VL a 448x448 image (448/14)^2 / (2*2 merge) = 256; SmolVLM-256M (512/16)^2 / 4^2 = 64 per tile
-# x 5 tiles = 320; SmolVLM-2.2B (384/14)^2 = 27^2 / 3^2 = 81 x 5 = 405; PaliGemma-224: (224/14)^2 = 256;
-# BLIP-2: 32 query tokens; InternVL3: (448/14)^2 * 0.5^2 = 256.
+# = 2928; Qwen2-VL (448/14)^2 / (2*2 merge) = 256; PaliGemma-224: (224/14)^2 = 256; BLIP-2: 32 query tokens;
+# InternVL3: (448/14)^2 * 0.5^2 = 256 (one tile). SmolVLM: its processor first resizes the longest edge to
+# 4 tiles (2048 px for the 512-px 256M, 1536 for the 384-px 2.2B), then cuts 4x4 tiles + the global image:
+# 17 x (512/16)^2 / 4^2 = 17 x 64 = 1088, and 17 x 27^2 / 3^2 = 17 x 81 = 1377.
 _LLAVA = {"vision": ["model.vision_tower"], "projector": ["model.multi_modal_projector"],
           "embeddings": [f"{LLM}.embed_tokens"], "layers": [f"{LLM}.layers"], "norm": [f"{LLM}.norm"],
           "head": ["lm_head"]}
@@ -26,7 +28,7 @@ _QWEN = {**_LLAVA, "vision": ["model.visual"], "projector": ["model.visual.merge
 _IDEFICS = {"vision": ["model.vision_model"], "projector": ["model.connector"],
             "embeddings": ["model.text_model.embed_tokens"], "layers": ["model.text_model.layers"],
             "norm": ["model.text_model.norm"], "head": ["lm_head"]}
-_BLIP2 = {"vision": ["vision_model"], "projector": ["qformer", "query_tokens", "language_projection"],
+_BLIP2 = {"vision": ["vision_model"], "projector": ["qformer", "language_projection", "query_tokens"],
           "embeddings": ["language_model.model.decoder.embed_tokens", "language_model.model.decoder.embed_positions"],
           "layers": ["language_model.model.decoder.layers"], "norm": ["language_model.model.decoder.final_layer_norm"],
           "head": ["language_model.lm_head"]}
@@ -37,13 +39,13 @@ CATALOGUE = {
                               {**_LLAVA, "projector": ["model.multi_modal_projector", "model.image_newline"]}, 2928),
     "qwen2-vl-2b": ("qwen2_vl", _QWEN, 256),
     "qwen2-vl-7b": ("qwen2_vl", _QWEN, 256),
-    "qwen2.5-vl-3b": ("qwen2_vl", _QWEN, 256),
-    "qwen2.5-vl-7b": ("qwen2_vl", _QWEN, 256),
+    "qwen2.5-vl-3b": ("qwen2_5_vl", _QWEN, 256),
+    "qwen2.5-vl-7b": ("qwen2_5_vl", _QWEN, 256),
     # qwen2.5-vl-72b: same family and names as qwen2.5-vl-7b; planned once in test_planner.py
-    "smolvlm-256m": ("idefics3", _IDEFICS, 320),
-    "smolvlm-2.2b": ("idefics3", _IDEFICS, 405),
+    "smolvlm-256m": ("idefics3", _IDEFICS, 1088),
+    "smolvlm-2.2b": ("idefics3", _IDEFICS, 1377),
     "paligemma-3b": ("paligemma", _LLAVA, 256),
-    "blip2-opt-2.7b": ("blip2", _BLIP2, 32),
+    "blip2-opt-2.7b": ("blip-2", _BLIP2, 32),
     "internvl3-2b": ("internvl", _LLAVA, 256),
 }
 DECODER_LAYER = {"llava-1.5-7b": "LlamaDecoderLayer", "llava-v1.6-mistral-7b": "MistralDecoderLayer",
@@ -71,7 +73,7 @@ def test_catalogue_family_roles(specs, name):
     (layers,) = s.roles["layers"]
     assert isinstance(modules[layers], nn.ModuleList)
     assert len(modules[layers]) == s.config.get_text_config().num_hidden_layers == s.dims.layers
-    assert s.family.image_tokens(s.config) == image_tokens == s.dims.image_tokens
+    assert s.at((448, 448)).dims.image_tokens == image_tokens
 
 
 @pytest.mark.parametrize("name", list(DECODER_LAYER))
@@ -83,19 +85,23 @@ def test_decoder_layers_are_never_split(specs, name):
     assert DECODER_LAYER[name] in s.no_split
 
 
-def test_family_for_uses_model_type_first(specs):
+def test_family_is_the_model_type_unless_overridden(specs):
     assert family_for(specs["llava-1.5-7b"].config).name == "llava"
-    assert family_for(specs["qwen2.5-vl-7b"].config).name == "qwen2_vl"  # "qwen2_5_vl" shares the adapter
-    assert family_for(specs["smolvlm-256m"].config).name == "idefics3"  # "smolvlm" too
+    assert family_for(specs["qwen2.5-vl-7b"].config).name == "qwen2_5_vl"  # no table shared with qwen2_vl
+    assert not family_for(specs["qwen2.5-vl-7b"].config).override
 
 
-def test_every_family_keeps_the_input_group_together():
-    for fam in FAMILIES:
+def test_every_override_keeps_the_input_group_together():
+    for fam in OVERRIDES:
         assert fam.colocate == COLOCATED == ("vision", "projector", "embeddings")
         assert set(fam.roles) == set(ROLES), fam.name
-    assert len({f.name for f in FAMILIES}) == len(FAMILIES)
-    llava = next(f for f in FAMILIES if f.name == "llava")
-    assert llava.keeps_vision_states  # LLaVA asks the CLIP tower for every hidden state
+        assert fam.override and not fam.moves_image_features  # remote code: features stay where they are
+    assert len({f.name for f in OVERRIDES}) == len(OVERRIDES)
+
+
+def test_llava_keeps_every_vision_state(specs):
+    assert specs["llava-1.5-7b"].family.keeps_vision_states  # the config picks a feature layer (-2)
+    assert not specs["qwen2-vl-2b"].family.keeps_vision_states
 
 
 # ---- remote-code families on synthetic module trees ---------------------------------------------
@@ -256,8 +262,11 @@ def test_unknown_family_is_a_clear_error():
     assert "MysteryForCausalLM" in msg
     for known in ("llava", "qwen2_vl", "idefics3", "paligemma", "blip-2", "cogvlm", "minicpmv"):
         assert known in msg
-    with pytest.raises(ValueError, match="no family adapter"):
-        family_for(config)  # no module names to fall back on
+    assert "roles={'vision': [...], 'embeddings': [...], 'layers': [...]}" in msg  # how to say it
+    named = build("mystery-model", config, "folder", modules=modules,
+                  roles={"vision": ["encoder"], "layers": ["decoder.layers"], "embeddings": ["encoder"]},
+                  image_tokens=10)
+    assert named.roles["vision"] == ["encoder"] and named.dims.image_tokens == 10
 
 
 def test_known_family_with_missing_modules():

@@ -122,10 +122,12 @@ def test_dims_of_llava(llava):
 
 
 def test_dims_with_grouped_query_attention_and_merging(qwen2b):
-    d = qwen2b.dims
+    d = qwen2b.at((448, 448)).dims  # image tokens depend on the image size (default: a 1024x768 photo)
     assert (d.hidden, d.layers, d.heads, d.kv_heads, d.head_dim, d.vocab) == (1536, 28, 12, 2, 128, 151936)
     assert d.image_tokens == 256  # a 448x448 image: (448/14)^2 = 1024 patches, merged 2x2
     assert d.vision_tokens == 1024  # the encoder sees them before merging
+    photo = qwen2b.dims  # 1024x768 -> 1036x756 (multiples of 28): 37 x 27 merged tokens
+    assert (photo.image_size, photo.image_tokens, photo.vision_tokens) == ((1024, 768), 999, 4 * 999)
 
 
 def test_spec_metadata_and_display(llava):

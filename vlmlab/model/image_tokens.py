@@ -66,7 +66,10 @@ def _count(config, size, folder):
         fixed = _config_count(config)  # BLIP-2's query tokens: stated by the config, whatever the image
         if fixed is None:
             raise ImageTokensUnknown(str(err)) from None
-        return ImageTokens(fixed, fixed, size, "config (a fixed count per image)", _config_id(config, "image"), fixed)
+        vc = _sub(config, "vision_config")  # the encoder still sees every patch of its input size
+        side, patch = _first_int(getattr(vc, "image_size", None)), _first_int(getattr(vc, "patch_size", None))
+        patches = (side // patch) ** 2 if side and patch else fixed
+        return ImageTokens(fixed, patches, size, "config (a fixed count per image)", _config_id(config, "image"), fixed)
 
 
 def _count_with_processor(config, size, folder):

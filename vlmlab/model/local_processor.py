@@ -43,9 +43,40 @@ def build_processor(config, folder=None):
             from transformers import AutoProcessor
 
             return AutoProcessor.from_pretrained(str(folder)), "processor (folder)"
-        except Exception:  # noqa: BLE001 - a folder without processor files: build one like for a bare config
-            pass
+        except Exception:  # noqa: BLE001 - e.g. a video processor that needs torchvision: its parts, then defaults
+            parts = _folder_parts(config, folder)
+            if parts is not None:
+                return parts, "processor (folder)"
     return _local_processor(config), "processor (built from defaults)"
+
+
+def _folder_parts(config, folder):
+    """The registered processor class around the folder's own image processor and tokenizer."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception:  # noqa: BLE001 - no image processor or tokenizer files
+        return None
+    saved = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = Path(folder) / name
+        if path.exists():
+            saved.update(json.loads(path.read_text()))
+    for proc_cls in _resolve(_class_names(PROCESSOR_MAPPING_NAMES, getattr(config, "model_type", None))):
+        params = inspect.signature(proc_cls.__init__).parameters
+        kwargs = {k: v for k, v in saved.items() if k in params and k not in ("image_processor", "tokenizer")}
+        try:
+            return _lenient(proc_cls)(image_processor=image_processor, tokenizer=tokenizer,
+                                      **{**_other_parts(proc_cls, tokenizer), **kwargs})
+        except Exception:  # noqa: BLE001
+            continue
+    return None
 
 
 def _class_names(mapping, model_type):
@@ -121,6 +152,12 @@ def _image_processor_kwargs(cls, config) -> dict:
         if key == "spatial_merge_size" and hasattr(defaults, "merge_size"):
             out["merge_size"] = value
         out[key] = _first_int(value) if key == "patch_size" else value
+    for key, default in vars(defaults).items():  # other settings the model config states by the same name
+        if key.startswith("_") or key in out or key in ("size", "crop_size") or isinstance(default, (dict, bool)):
+            continue
+        value = getattr(config, key, None)
+        if value is not None and not callable(value) and type(value) is type(default):
+            out[key] = value
     seq = getattr(defaults, "image_seq_length", 0)
     if seq is None:  # PaliGemma: the processor reads the image processor's image_seq_length
         seq = _config_count(config)
@@ -157,11 +194,11 @@ def _as_dict(size):
 
 # config fields that state a fixed number of image tokens per image
 COUNT_FIELDS = ("mm_tokens_per_image", "image_seq_length", "num_image_tokens", "image_seq_len", "num_query_tokens",
-                "query_num")
+                "query_num", "num_query_token", "resampler_n_latents")
 
 
 def _config_count(config):
-    for cfg in (config, _sub(config, "text_config"), _sub(config, "vision_config")):
+    for cfg in (config, _sub(config, "text_config"), _sub(config, "vision_config"), _sub(config, "perceiver_config")):
         for key in COUNT_FIELDS:
             value = getattr(cfg, key, None)
             if isinstance(value, int) and value > 0:
@@ -189,8 +226,10 @@ def _tokenizer(tokens: dict, config):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"[UNK]": 0, "[PAD]": 1, "[BOS]": 2, "[EOS]": 3}
-    vocab.update({w: 4 + i for i, w in enumerate(_WORDS)})
+    # the config's special ids are kept for its tokens; plain words take the lowest free ids
+    reserved = {i for i in tokens.values() if isinstance(i, int) and i >= 0}
+    free = (i for i in range(10**9) if i not in reserved)
+    vocab = {w: next(free) for w in ("[UNK]", "[PAD]", "[BOS]", "[EOS]", *_WORDS)}
     used = set(vocab.values())
     top = int(getattr(_sub(config, "text_config"), "vocab_size", None) or getattr(config, "vocab_size", 0) or 50000)
     fresh = top - 1
@@ -313,7 +352,22 @@ def _processor_kwargs(proc_cls, config) -> dict:
                 break
     if "num_additional_image_tokens" in params and "num_additional_image_tokens" not in out:
         out["num_additional_image_tokens"] = _class_tokens(config)
+    per_image = [n for n in params if n in COUNT_FIELDS and n not in out]
+    if per_image:  # tokens per image (or per tile) the config states under another name
+        stated = _config_count(config) or _tile_tokens(config)
+        if stated:
+            out[per_image[0]] = stated
     return out
+
+
+def _tile_tokens(config):
+    """Tokens per tile of a pixel-shuffle connector (Idefics3): patches per tile / scale_factor²."""
+    vc = _sub(config, "vision_config")
+    size, patch = _first_int(getattr(vc, "image_size", None)), _first_int(getattr(vc, "patch_size", None))
+    scale = getattr(config, "scale_factor", None)
+    if size and patch and isinstance(scale, int) and scale > 0:
+        return (size // patch) ** 2 // (scale * scale)
+    return None
 
 
 def _class_tokens(config) -> int:

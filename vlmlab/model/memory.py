@@ -52,7 +52,9 @@ class Workload:
     images_per_prompt: int = 1
 
     def prefill_tokens(self, dims) -> int:
-        return self.prompt_tokens + self.images_per_prompt * dims.image_tokens
+        # an image adds its image tokens plus the markers around them (begin/end, row breaks)
+        per_image = max(getattr(dims, "image_sequence", 0) or 0, dims.image_tokens)
+        return self.prompt_tokens + self.images_per_prompt * per_image
 
     def total_tokens(self, dims) -> int:
         return self.prefill_tokens(dims) + self.max_new_tokens
@@ -71,9 +73,26 @@ def weight_bytes(unit, dtype: str) -> dict[str, float]:
     return out
 
 
-def kv_bytes_per_layer(dims, work: Workload, dtype: str) -> float:
-    """K and V of one decoder layer for the whole batch at the longest sequence."""
-    return 2 * work.batch_size * work.total_tokens(dims) * dims.kv_heads * dims.head_dim * compute_bytes(dtype)
+def kv_bytes_per_layer(dims, work: Workload, dtype: str, layer: int | None = None) -> float:
+    """What decoder layer ``layer`` caches for the whole batch at the longest sequence: K and V of
+    every token (full attention), of the last ``window`` tokens (sliding), of the image's vision
+    tokens (cross-attention, mllama), or a recurrent state of fixed size (linear attention / SSM).
+    Without a per-layer layout (or ``layer`` None) every layer is full attention."""
+    kv = getattr(dims, "kv", ())
+    cache = kv[layer] if layer is not None and layer < len(kv) else None
+    b = compute_bytes(dtype)
+    if cache is None or cache.kind == "full":
+        heads, head_dim = (cache.kv_heads, cache.head_dim) if cache else (dims.kv_heads, dims.head_dim)
+        return 2 * work.batch_size * work.total_tokens(dims) * heads * head_dim * b
+    if cache.kind == "sliding":
+        tokens = min(work.total_tokens(dims), cache.window or work.total_tokens(dims))
+        return 2 * work.batch_size * tokens * cache.kv_heads * cache.head_dim * b
+    if cache.kind == "cross":
+        tokens = work.images_per_prompt * max(dims.vision_tokens, dims.image_tokens)
+        return 2 * work.batch_size * tokens * cache.kv_heads * cache.head_dim * b
+    if cache.kind == "linear":
+        return work.batch_size * cache.state_elems * b
+    return 0.0
 
 
 def prefill_activation_bytes(dims, work: Workload, dtype: str) -> float:
@@ -113,12 +132,15 @@ class DeviceLoad:
         self.is_cuda, self.keeps_vision_states = is_cuda, keeps_vision_states
         self.weights = dict.fromkeys(COMPONENTS[:7], 0.0)
         self.layers = 0
+        self.layer_ids: list[int] = []
         self.has_input = self.has_head = False
 
     def add(self, unit) -> "DeviceLoad":
         for c, b in weight_bytes(unit, self.dtype).items():
             self.weights[c] += b
         self.layers += unit.layer is not None
+        if unit.layer is not None:
+            self.layer_ids.append(unit.layer)
         self.has_input |= unit.name == "input"
         self.has_head |= "head" in unit.params  # a tied head sits in the input unit with 0 params
         return self
@@ -126,7 +148,7 @@ class DeviceLoad:
     def copy(self) -> "DeviceLoad":
         new = DeviceLoad(self.dims, self.work, self.dtype, is_cuda=self.is_cuda,
                          keeps_vision_states=self.keeps_vision_states)
-        new.weights, new.layers = dict(self.weights), self.layers
+        new.weights, new.layers, new.layer_ids = dict(self.weights), self.layers, list(self.layer_ids)
         new.has_input, new.has_head = self.has_input, self.has_head
         return new
 
@@ -134,8 +156,9 @@ class DeviceLoad:
         d, w, dt = self.dims, self.work, self.dtype
         out = dict.fromkeys(COMPONENTS, 0.0)
         out.update(self.weights)
-        kv_layer = kv_bytes_per_layer(d, w, dt)
-        out["kv_cache"] = kv_layer * self.layers
+        per_layer = [kv_bytes_per_layer(d, w, dt, i) for i in self.layer_ids]
+        kv_layer = max(per_layer, default=0.0)
+        out["kv_cache"] = sum(per_layer)
         transient = [0.0]
         if self.has_input:
             transient.append(vision_activation_bytes(d, w, dt, self.keeps_vision_states)

@@ -13,7 +13,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from vlmlab.assets import BUNDLED_MODEL_DIR
-from vlmlab.model.families import Family, family_for
+from vlmlab.model import introspect
+from vlmlab.model.dims import Dims, read_dims
+from vlmlab.model.families import Family, family_for, known_overrides
 
 DEFAULT_MODEL = "vlmlab/tiny-captioner"
 BUNDLED = {DEFAULT_MODEL: BUNDLED_MODEL_DIR}
@@ -34,23 +36,6 @@ class Unit:
 
 
 @dataclass
-class Dims:
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    vision_hidden: int
-    vision_intermediate: int
-    vision_layers: int
-    vision_heads: int
-    vision_tokens: int  # tokens inside the vision encoder per image
-    image_tokens: int  # tokens the language model sees per image
-
-
-@dataclass
 class ModelSpec:
     name: str
     config: object
@@ -66,6 +51,30 @@ class ModelSpec:
     tied_head: bool = False
     dims: Dims | None = None
     params: list[tuple] = field(default_factory=list)  # (name, component, numel, is_linear, unit) per parameter
+    tied: list[list[str]] = field(default_factory=list)  # parameter names that share one tensor
+    image_tokens_source: str = ""  # where dims.image_tokens came from
+    image_tokens_error: str | None = None  # why they are unknown (then plans need image_tokens=N)
+    given_image_tokens: int | None = None
+
+    def at(self, image_size=None, image_tokens: int | None = None) -> "ModelSpec":
+        """This spec with its image tokens counted for ``image_size`` (width, height), or set to
+        ``image_tokens``; the module tree is shared."""
+        from dataclasses import replace
+
+        from vlmlab.model.image_tokens import normalise_size
+
+        size = normalise_size(image_size)
+        given = image_tokens if image_tokens is not None else self.given_image_tokens
+        if given is None and size == tuple(self.dims.image_size) and not self.image_tokens_error:
+            return self
+        cache = self.__dict__.setdefault("_at", {})
+        if (size, given) not in cache:
+            image, source, error = _image_tokens(self.config, self.family, size, self.path, given)
+            dims = read_dims(self.config, self.dims.layers, _cross_layers(self.config), image)
+            dims.vision_tokens += _class_tokens(self) if image is not None and image.vision_tokens else 0
+            cache[size, given] = replace(self, dims=dims, image_tokens_source=source, image_tokens_error=error,
+                                         given_image_tokens=given)
+        return cache[size, given]
 
     @property
     def num_parameters(self) -> int:
@@ -99,19 +108,39 @@ def _names(model) -> set[str]:
     return names
 
 
-def spec(model: str | os.PathLike | ModelSpec | None = None, trust_remote_code: bool = False) -> ModelSpec:
-    """Resolve ``model`` (None = the bundled captioner) to a :class:`ModelSpec`."""
+def spec(model: str | os.PathLike | ModelSpec | None = None, trust_remote_code: bool = False,
+         roles: dict | None = None, image_tokens: int | None = None) -> ModelSpec:
+    """Resolve ``model`` (None = the bundled captioner; a name, a folder, a transformers config or a
+    ModelSpec) to a :class:`ModelSpec`. ``roles`` {role: [module names]} names modules introspection
+    cannot find; ``image_tokens`` sets the tokens per image where the processor cannot count them."""
     if isinstance(model, ModelSpec):
-        return model
+        return model if roles is None and image_tokens is None else \
+            build(model.name, model.config, model.source, model.path, model.hub_id, model.trust_remote_code,
+                  model.modules, roles=roles or None, image_tokens=image_tokens)
     if model is None:
         model = DEFAULT_MODEL
+    if hasattr(model, "to_dict") and hasattr(model, "model_type"):  # a transformers config
+        name = getattr(model, "name_or_path", None) or model.model_type
+        return build(name, model, "config", trust_remote_code=trust_remote_code, roles=roles, image_tokens=image_tokens)
     if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"model must be a name, a folder or a ModelSpec, not {type(model).__name__}")
-    return _spec_cached(str(model), trust_remote_code)
+        raise TypeError(f"model must be a name, a folder or a ModelSpec, not {type(model).__name__} "
+                        "(a transformers config works too)")
+    if roles is not None or image_tokens is not None:
+        base = _spec_cached(str(model), trust_remote_code, None)  # the config and module tree, once
+        return spec(base, roles=roles, image_tokens=image_tokens)
+    return _spec_cached(str(model), trust_remote_code, None)
+
+
+class UnknownModelError(ValueError, KeyError):
+    """No folder, catalogue entry or Hub id of that name. A ValueError (bad input) that is still a
+    KeyError for callers that caught the catalogue's KeyError."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
 
 
 @lru_cache(maxsize=32)
-def _spec_cached(model: str, trust_remote_code: bool) -> ModelSpec:
+def _spec_cached(model: str, trust_remote_code: bool, _unused=None) -> ModelSpec:
     from vlmlab.model import catalog
 
     key = model.strip()
@@ -129,7 +158,7 @@ def _spec_cached(model: str, trust_remote_code: bool) -> ModelSpec:
         entry = catalog.entry(key)
     except KeyError as err:
         if "/" not in key:
-            raise KeyError(f"{key!r} is not a folder nor a catalogue model. {err.args[0]}") from None
+            raise UnknownModelError(f"{key!r} is not a folder nor a catalogue model. {err.args[0]}") from None
     else:
         name = entry["name"]
         return build(name, catalog.build_config(name), "catalogue", hub_id=entry["hub_id"])
@@ -158,22 +187,80 @@ def _from_hub(model_id: str, trust_remote_code: bool) -> ModelSpec:
     return build(model_id, config, "hub", hub_id=model_id, trust_remote_code=trust_remote_code)
 
 
-def build(name: str, config, source: str, path=None, hub_id=None, trust_remote_code=False, modules=None) -> ModelSpec:
-    """A ModelSpec from a config (and optionally an already-built module tree, real or meta)."""
+def build(name: str, config, source: str, path=None, hub_id=None, trust_remote_code=False, modules=None,
+          roles: dict | None = None, image_tokens: int | None = None, image_size=None) -> ModelSpec:
+    """A ModelSpec from a config (and optionally an already-built module tree, real or meta).
+    Roles are read from the model (``introspect``); ``roles`` names the ones it cannot find."""
     if modules is None:
         modules = _meta_model(config, trust_remote_code)
     names = _names(modules)
-    fam = family_for(config, names)
-    roles = fam.resolve(names)
-    missing = [r for r in ("vision", "embeddings", "layers") if not roles[r]]
+    native = not trust_remote_code and type(modules).__module__.startswith("transformers.")
+    fam = family_for(config, names, native=native)
+    overrides = {**{r: list(v) for r, v in fam.roles.items()}, **{r: list(v) for r, v in (roles or {}).items()}}
+    found = introspect.read_roles(modules, overrides)
+    missing = introspect.missing_roles(found)
     if missing:
-        raise ValueError(f"{name}: the {fam.name} adapter found no {', '.join(missing)} module in this model; "
-                         f"its top-level modules are {sorted(n for n in names if '.' not in n)}")
-    no_split = set(getattr(modules, "_no_split_modules", None) or ()) | set(fam.no_split)
-    tied = _head_is_tied(modules, roles)
-    units, params = _units(modules, roles, tied)
-    return ModelSpec(name, config, fam, modules, source, path, hub_id, trust_remote_code, roles, units,
-                     no_split, tied, _dims(config, fam, units), params)
+        raise introspect.RolesUnknown(_roles_message(name, config, fam, missing, names))
+    no_split = introspect.no_split_classes(modules, found["layers"]) | set(fam.no_split)
+    tied = _head_is_tied(modules, found)
+    units, params = _units(modules, found, tied)
+    from vlmlab.model.image_tokens import normalise_size
+
+    image, counted_by, error = _image_tokens(config, fam, normalise_size(image_size), path, image_tokens)
+    n_layers = sum(1 for u in units if u.layer is not None)
+    dims = read_dims(config, n_layers, _cross_layers(config), image)
+    spec = ModelSpec(name, config, fam, modules, source, path, hub_id, trust_remote_code, found, units,
+                     no_split, tied, dims, params, introspect.tied_groups(modules), counted_by, error, image_tokens)
+    if image is not None and image.vision_tokens:
+        dims.vision_tokens += _class_tokens(spec)
+    return spec
+
+
+def _roles_message(name, config, fam, missing, names) -> str:
+    model_type = getattr(config, "model_type", None)
+    archs = sorted(getattr(config, "architectures", None) or ())
+    what = f"the {fam.name} adapter found no {', '.join(missing)} module in this model" if fam.override else \
+        (f"vlmlab has no family adapter for model_type {model_type!r} (architectures {archs}) and could not read "
+         f"its {', '.join(missing)} from the model (transformers' get_input_embeddings / get_decoder / "
+         "get_encoder and the vision attribute names found nothing)")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as native
+
+    return (f"{name}: {what}; its top-level modules are {sorted(n for n in names if '.' not in n)}. Name them "
+            f"with roles={{'vision': [...], 'embeddings': [...], 'layers': [...]}} (dotted module names). Read "
+            f"without help: every transformers image-text-to-text model type ({', '.join(sorted(native))}); "
+            f"remote-code overrides: {', '.join(known_overrides())}.")
+
+
+def _cross_layers(config):
+    from vlmlab.model.dims import text_config
+
+    return introspect.layer_value(text_config(config), "cross_attention_layers")
+
+
+def _image_tokens(config, fam, size, path, given):
+    """(ImageTokens or None, source, error): given > override entry > the model's own processor."""
+    from vlmlab.model import image_tokens as it
+
+    if given is not None:
+        if not isinstance(given, int) or isinstance(given, bool) or given < 1:
+            raise ValueError(f"image_tokens must be a positive integer, got {given!r}")
+        return it.ImageTokens(given, given, size, "given", None, given), "given", None
+    if fam.override:
+        n = fam.image_tokens or getattr(config, fam.image_tokens_field or "", None) or 64
+        return it.ImageTokens(int(n), int(n), size, "override", None, int(n)), f"override ({fam.name})", None
+    try:
+        image = it.count(config, size, folder=path)
+    except it.ImageTokensUnknown as err:
+        return None, "unknown", str(err)
+    return image, image.source, None
+
+
+def _class_tokens(spec) -> int:
+    """1 when the vision tower prepends a class token (CLIP's class_embedding) to its patches."""
+    for pname, component, *_ in spec.params:
+        if component == "vision" and pname.rsplit(".", 1)[-1] in ("class_embedding", "cls_token"):
+            return 1
+    return 0
 
 
 def _meta_model(config, trust_remote_code: bool):
@@ -184,8 +271,12 @@ def _meta_model(config, trust_remote_code: bool):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    with init_empty_weights(include_buffers=True):  # remote code may register large real buffers
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    # init_empty_weights re-wraps each parameter, which unties a head tied in the constructor: tie again
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()
+    return model.eval()
 
 
 def _head_is_tied(model, roles) -> bool:
@@ -270,34 +361,3 @@ def _leftover(name: str, members: dict) -> str:
             return a
     return name
 
-
-def _dims(config, fam: Family, units) -> Dims:
-    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vc = getattr(config, "vision_config", None) or config
-    hidden = _get(tc, "hidden_size", "d_model", "n_embd")
-    heads = _get(tc, "num_attention_heads", "n_head")
-    kv = _get(tc, "num_key_value_heads", default=heads) or heads
-    head_dim = getattr(tc, "head_dim", None) or hidden // heads
-    n_layers = sum(1 for u in units if u.layer is not None)
-    v_hidden = _get(vc, "hidden_size", "embed_dim", default=hidden)
-    image_tokens = int(fam.image_tokens(config)) if fam.image_tokens else 256
-    size = getattr(vc, "image_size", 224)
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    patch = getattr(vc, "patch_size", 14)
-    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-    merge = fam.merge(config) if callable(fam.merge) else fam.merge
-    vision_tokens = max((size // patch) ** 2 + 1, image_tokens * merge)
-    return Dims(hidden, _get(tc, "intermediate_size", "ffn_dim", default=4 * hidden), n_layers, heads, kv, head_dim,
-                _get(tc, "vocab_size"), v_hidden, _get(vc, "intermediate_size", default=4 * v_hidden),
-                _get(vc, "num_hidden_layers", "depth", default=0), _get(vc, "num_attention_heads", "num_heads", default=1),
-                vision_tokens, image_tokens)
-
-
-def _get(cfg, *keys, default=None):
-    for k in keys:
-        v = getattr(cfg, k, None)
-        if v is not None:
-            return v
-    if default is None:
-        raise ValueError(f"config {type(cfg).__name__} has none of {keys}")
-    return default

@@ -56,6 +56,7 @@ def roles_of(module) -> dict:
 
 def _find_roles(module) -> dict:
     from vlmlab.model.families import family_for
+    from vlmlab.model.introspect import read_roles
 
     config = getattr(module, "config", None)
     if config is None:
@@ -63,7 +64,7 @@ def _find_roles(module) -> dict:
                          "pass roles={'vision': [...], 'layers': [...], 'head': [...]} (as ModelSpec.roles)")
     names = {n for n, _ in module.named_modules() if n}
     names |= {n for n, _ in module.named_parameters(remove_duplicate=False)}
-    return family_for(config, names).resolve(names)
+    return read_roles(module, {r: list(v) for r, v in family_for(config, names).roles.items()})
 
 
 def hook_targets(root, roles, detail) -> tuple[list[Target], list]:

@@ -115,7 +115,9 @@ def check(spec: ModelSpec, device_map: dict, devices: dict, work: Workload, dtyp
         tops = sorted({_top_uncovered(p, dm) for p in uncovered})
         problems.append(f"not covered by the device map: {', '.join(repr(t) for t in tops[:8])}"
                         f"{' …' if len(tops) > 8 else ''} ({len(uncovered)} parameters); map every module to a device")
-    problems += _colocation(spec, placed, dm)
+    severe, mild = _colocation(spec, placed, dm, work, dtype)
+    problems += severe
+    warnings += mild
     problems += _no_split(spec, placed)
     if any(d in OFFLOAD for d in placed.values()):
         warnings.append("some modules are offloaded to cpu/disk: they are copied to the GPU at every forward "
@@ -138,22 +140,45 @@ def _top_uncovered(pname: str, dm: dict) -> str:
     return pname
 
 
-def _colocation(spec: ModelSpec, placed: dict, dm: dict) -> list[str]:
+def _colocation(spec: ModelSpec, placed: dict, dm: dict, work: Workload, dtype: str) -> tuple[list, list]:
+    """(problems, warnings). Weights that share one tensor must share a device. The vision tower,
+    projector and embeddings on different devices: transformers' own code moves the image features
+    (a warning with what that costs); remote code does not (an error)."""
+    problems = []
+    heads = {f"{h}.weight" for h in spec.roles.get("head", ())}
+    for group in getattr(spec, "tied", ()):
+        at = {n: dm[k] for n in group if (k := owner_of(n, dm)) is not None}
+        if len(set(at.values())) <= 1:
+            continue
+        if heads & set(at):
+            head = {at[n] for n in heads & set(at)}
+            rest = {d for n, d in at.items() if n not in heads}
+            problems.append(f"co-location broken: head (tied to the embeddings) on {_fmt_devices(head)}, embeddings "
+                            f"on {_fmt_devices(rest)}. A tied head is the embeddings' tensor: map it with them")
+        else:
+            problems.append(f"tied weights split: {', '.join(group)} are one tensor but sit on "
+                            f"{_fmt_devices(set(at.values()))}; map them to one device")
     where: dict[str, set] = {}
-    roles = list(spec.family.colocate) + (["head"] if spec.tied_head else [])
     for pname, component, *_ in spec.params:
-        if component in roles and pname in placed:
+        if component in spec.family.colocate and pname in placed:
             where.setdefault(component, set()).add(placed[pname])
-    for head in spec.roles["head"] if spec.tied_head else ():
-        key = owner_of(head + ".weight", dm)
-        if key is not None:
-            where.setdefault("head (tied to the embeddings)", set()).add(dm[key])
     devices = set().union(*where.values()) if where else set()
     if len(devices) <= 1:
-        return []
+        return problems, []
     detail = ", ".join(f"{role} on {_fmt_devices(d)}" for role, d in where.items())
-    return [f"co-location broken: {detail}. The vision tower, projector and token embeddings must share one "
-            "device — split there, generate can fail with 'Expected all tensors to be on the same device'"]
+    if not spec.family.moves_image_features:
+        return problems + [f"co-location broken: {detail}. This model's (remote) code scatters the image features "
+                           "into the embedded prompt where they are, so the vision tower, projector and token "
+                           "embeddings must share one device — split there, generate fails with 'Expected all "
+                           "tensors to be on the same device'"], []
+    from vlmlab.model.memory import compute_bytes
+
+    d = spec.dims
+    moved = work.batch_size * work.images_per_prompt * max(d.vision_tokens * d.vision_hidden,
+                                                           d.image_tokens * d.hidden) * compute_bytes(dtype)
+    return problems, [f"vision tower, projector and embeddings on different devices ({detail}): transformers "
+                      f"moves the image features between them, about {moved / 2**20:,.1f} MiB per batch of "
+                      f"{work.batch_size} (a copy per prefill; over PCIe from the CPU it can dominate)"]
 
 
 def _no_split(spec: ModelSpec, placed: dict) -> list[str]:

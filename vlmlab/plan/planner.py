@@ -7,8 +7,12 @@
 - ``replicate``: one full copy per device (each in its own worker process at run time).
 - ``hybrid``: replicas of split groups of ``gpus_per_replica`` devices.
 - ``auto``: the fewest devices per replica that fit, replicated over the rest.
+
+On a Ray cluster (``gpus("ray")``) every replica group sits inside one node.
 """
 from __future__ import annotations
+
+import dataclasses
 
 from vlmlab.plan.devicemap import DeviceMapError, check, describe
 from vlmlab.hardware import Hardware, fmt_bytes, gpus as get_gpus
@@ -17,33 +21,107 @@ from vlmlab.plan.plan import Plan, Replica
 from vlmlab.model.spec import ModelSpec, spec as get_spec
 
 STRATEGIES = ("auto", "single", "split", "replicate", "hybrid")
+#: batch_size="auto": the share of each device's free memory the chosen batch leaves unused, for
+#: what the memory model misses and for the allocator's fragmentation
+AUTO_HEADROOM = 0.10
+#: the largest batch "auto" picks: past a few hundred rows a 7B model's decode step reads more KV
+#: cache than weights, so a larger batch buys little speed, and a padded last batch wastes more
+AUTO_MAX_BATCH = 256
+#: batch_size="auto" on CPU worker slots, where memory does not limit speed
+AUTO_CPU_BATCH = 8
 
 
 class PlanError(ValueError):
     """The model does not fit as asked; the message says how much is needed where and what would fit."""
 
 
-def plan(model=None, gpus=None, strategy: str = "auto", dtype: str = "bfloat16", batch_size: int = 1,
+def plan(model=None, gpus=None, strategy: str = "auto", dtype: str | None = None, batch_size: int = 1,
          max_new_tokens: int = 64, device_map: dict | None = None, gpus_per_replica: int | None = None,
-         prompt_tokens: int = 16, trust_remote_code: bool = False) -> Plan:
+         prompt_tokens: int = 16, trust_remote_code: bool = False, image_size=None, image_tokens: int | None = None,
+         roles: dict | None = None) -> Plan:
     """Plan ``model`` (None = the bundled captioner) on ``gpus`` (None = this machine's GPUs, or the
-    CPU when there are none; or a Hardware / a virtual spec such as ``"2x24GiB"``)."""
+    CPU when there are none; or a Hardware / a virtual spec such as ``"2x24GiB"``).
+
+    ``batch_size="auto"``: the largest batch (up to ``AUTO_MAX_BATCH``, a multiple of 8 from 8 on)
+    whose predicted peak leaves ``AUTO_HEADROOM`` of every used device's free memory unused, placed
+    as ``strategy`` places batch 1; the plan's ``batch_note`` says how it was chosen.
+
+    ``image_size`` (width, height): the images' size, which sets the image tokens of dynamic-resolution
+    families (default: a 1024x768 photo); ``image_tokens``: tokens per image where the model's
+    processor cannot count them; ``roles``: module names introspection cannot find."""
+    auto = batch_size == "auto"
+    if auto:
+        batch_size = 1
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if gpus_per_replica is not None and strategy not in ("hybrid", "auto"):
         raise ValueError(f"gpus_per_replica applies to strategy 'hybrid' (or 'auto'), not {strategy!r}")
-    for label, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
-        if not isinstance(value, int) or value < 1:
+    for label, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens),
+                         ("prompt_tokens", prompt_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be a positive integer, got {value!r}")
-    dtype = canonical_dtype(dtype)
-    ms = get_spec(model, trust_remote_code=trust_remote_code)
+    ms = get_spec(model, trust_remote_code=trust_remote_code, roles=roles).at(image_size, image_tokens)
     hw, warnings = _hardware(gpus)
+    dtype = canonical_dtype(dtype if dtype is not None else ("float32" if hw.is_cpu else "bfloat16"))
     work = Workload(batch_size, max_new_tokens, prompt_tokens)
     if device_map is not None:
+        if auto:
+            raise ValueError("batch_size='auto' is chosen by a strategy's placement; with a device_map give a number")
+        if ms.image_tokens_error:
+            warnings = warnings + [f"image tokens unknown, memory counted without them: {ms.image_tokens_error}"]
         return _custom(ms, hw, device_map, work, dtype, warnings)
+    if ms.image_tokens_error:
+        from vlmlab.model.image_tokens import ImageTokensUnknown
+
+        raise ImageTokensUnknown(f"{ms.name}: cannot plan without its image tokens per image. {ms.image_tokens_error}"
+                                 " (plan(..., image_tokens=N)); a hand-written device_map is still checked.")
     planner = _Planner(ms, hw, work, dtype)
     groups, strategy_used = planner.place(strategy, gpus_per_replica)
-    return planner.to_plan(groups, strategy_used, strategy, warnings + planner.warnings)
+    note = None
+    if auto:
+        how = _placement(strategy_used, groups)
+        batch, note = auto_batch(ms, hw, work, dtype, how, len(groups))
+        planner = _Planner(ms, hw, Workload(batch, max_new_tokens, prompt_tokens), dtype)
+        groups, strategy_used = planner.place(*how)
+    p = planner.to_plan(groups, strategy_used, strategy, warnings + planner.warnings)
+    p.batch_note = note
+    return p
+
+
+def _placement(strategy_used, groups) -> tuple[str, int | None]:
+    """The (strategy, gpus_per_replica) that places a larger batch the way batch 1 was placed."""
+    if strategy_used == "hybrid":
+        return "hybrid", max(len(g) for g in groups)
+    return strategy_used, None
+
+
+def auto_batch(ms, hw, work, dtype, how=("single", None), replicas: int = 1) -> tuple[int, str]:
+    """``(batch, note)``: the largest batch up to ``AUTO_MAX_BATCH`` that ``how`` (strategy,
+    gpus_per_replica) still places as ``replicas`` replicas on ``hw`` with ``AUTO_HEADROOM`` of
+    each device's free memory to spare; a multiple of 8 from 8 on (tensor-core friendly shapes)."""
+    if hw.is_cpu:
+        return AUTO_CPU_BATCH, f"batch {AUTO_CPU_BATCH}: the CPU default (memory does not limit speed there)"
+    roomy = Hardware([dataclasses.replace(g, free=int(g.free * (1 - AUTO_HEADROOM))) for g in hw], hw.source)
+
+    def fits(b):
+        trial = _Planner(ms, roomy, Workload(b, work.max_new_tokens, work.prompt_tokens), dtype)
+        try:
+            groups, _ = trial.place(*how)
+        except PlanError:
+            return False
+        return len(groups) >= replicas
+
+    if not fits(1):
+        return 1, f"batch 1: even one row leaves less than {AUTO_HEADROOM:.0%} of free memory unused"
+    lo, hi = 1, AUTO_MAX_BATCH
+    if fits(hi):
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    batch = lo - lo % 8 if lo >= 8 else lo
+    limit = "the most vlmlab picks" if batch == AUTO_MAX_BATCH else f"the largest that leaves {AUTO_HEADROOM:.0%} of free memory unused"
+    return batch, f"batch {batch}: {limit} (batch_size='auto')"
 
 
 def _hardware(gpus) -> tuple[Hardware, list[str]]:
@@ -130,6 +208,10 @@ class _Planner:
             self._note_skipped(groups)
             return groups, "replicate" if len(groups) > 1 else "single"
         if strategy == "split":
+            if len(self.hw.nodes()) > 1:
+                raise ValueError(f"split keeps its one replica inside one node, and these devices are on "
+                                 f"{len(self.hw.nodes())} nodes: use strategy='hybrid' (split replicas, one node "
+                                 "each) or plan for one node's devices")
             parts = self.split(self.devices)
             if parts is None:
                 raise PlanError(self.no_fit(f"split over all {n} device(s)", self.devices))
@@ -145,8 +227,7 @@ class _Planner:
             if k < 1 or k > n:
                 raise ValueError(f"gpus_per_replica must be between 1 and {n}, got {k}")
             groups = []
-            for start in range(0, n - k + 1, k):
-                chunk = self.devices[start:start + k]
+            for chunk in _chunks(self.hw, k):
                 parts = self.split(chunk)
                 if parts is not None:
                     groups.append(self._group(chunk, parts))
@@ -219,6 +300,13 @@ class _Planner:
         k = int(-(-self.whole(largest) // (per_device * 0.9)))
         out.append(f"more or larger GPUs: about {max(k, 2)} devices of {fmt_bytes(per_device)} with strategy='split'")
         return out
+
+
+def _chunks(hw: Hardware, k: int):
+    """Consecutive groups of ``k`` devices, each inside one node."""
+    for devices in hw.nodes().values():
+        for start in range(0, len(devices) - k + 1, k):
+            yield devices[start:start + k]
 
 
 def _name(replicas: int, per_replica: int) -> str:
