@@ -15,6 +15,7 @@ filters) are never changed.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -24,41 +25,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps
 
-IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .png .gif .bmp .tif .tiff .webp .ppm .pgm".split()
-)
+from vlmlab.run.image_errors import ERROR_KINDS, ImageError, classify, os_error  # noqa: F401  ERROR_KINDS re-exported
+
+
+def _readable_extensions() -> frozenset:
+    """The file extensions of every format this Pillow can decode (AVIF, ICO, PSD, TGA, ... when it
+    has them), except EPS (decoded by running Ghostscript) and stub formats that cannot decode."""
+    Image.init()
+    found = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+    for ext, fmt in Image.registered_extensions().items():
+        factory = Image.OPEN.get(fmt, (None,))[0]
+        if fmt != "EPS" and isinstance(factory, type) and not issubclass(factory, ImageFile.StubImageFile):
+            found.add(ext.lower())
+    return frozenset(found)
+
+
+IMAGE_EXTENSIONS = _readable_extensions()
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 #: Pillow's own default limit (``PIL.Image.MAX_IMAGE_PIXELS``).
 DEFAULT_MAX_PIXELS = 89_478_485
-
-#: Every ``ImageError.kind``, with what it means.
-ERROR_KINDS = {
-    "not_found": "the path does not exist",
-    "broken_symlink": "the path is a symbolic link whose target does not exist",
-    "is_a_directory": "the path is a folder, not a file",
-    "not_a_file": "the path is a FIFO, socket or device, not a regular file",
-    "unreadable": "the file exists but cannot be read (permissions, I/O error)",
-    "empty": "the file has 0 bytes",
-    "not_an_image": "the content is not an image format (text, HTML, ...)",
-    "unsupported": "an image format or pixel mode this Pillow cannot decode",
-    "truncated": "the image data ends before the image is complete",
-    "corrupt": "the header is recognised but the data inside is damaged",
-    "too_large": "width x height exceeds max_pixels (decompression-bomb guard)",
-}
-
-
-class ImageError(Exception):
-    """An image that cannot be used. ``kind`` is a key of :data:`ERROR_KINDS`;
-    ``message`` names the item and says what was wrong and what to do."""
-
-    def __init__(self, key: str, kind: str, message: str):
-        super().__init__(key, kind, message)  # args kept whole so it pickles
-        self.key, self.kind, self.message = key, kind, message
-
-    def __str__(self) -> str:
-        return self.message
-
 
 @dataclass(frozen=True)
 class DatasetRow:
@@ -71,6 +58,14 @@ class DatasetRow:
     def get(self) -> Any:
         row = self.dataset[self.index]
         return row if self.column is None else row[self.column]
+
+
+@dataclass(frozen=True)
+class UnsearchedFolder:
+    """A folder a scan could not list (permissions, I/O): it becomes an error row, not a silent gap."""
+
+    path: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -114,8 +109,13 @@ def collect(images: Any, column: str | None = None) -> list[ImageItem]:
     for i, entry in enumerate(entries):
         if isinstance(entry, Image.Image):
             items.append(ImageItem(f"pil:{i}", entry))
+        elif isinstance(entry, str) and _URL.match(entry):
+            items.append(ImageItem(entry, entry))  # kept whole: Path() would fold "https://" to "https:/"
         elif isinstance(entry, (str, os.PathLike)):
-            items.extend(ImageItem(str(p), p) for p in _expand_path(Path(entry)))
+            if not os.fspath(entry).strip():
+                raise ValueError("an empty path names no image (it would mean the current folder); "
+                                 "pass '.' to caption the images in the current folder")
+            items.extend(p if isinstance(p, ImageItem) else ImageItem(str(p), p) for p in _expand_path(Path(entry)))
         else:
             raise TypeError(_ACCEPTED + f"; got {_type_name(entry)}"
                             + (f" at position {i}" if entries is images else ""))
@@ -129,23 +129,34 @@ def _type_name(obj: Any) -> str:
 def _expand_path(path: Path) -> list[Path]:
     """A folder becomes its images; anything else (even missing) stays itself. A folder named like
     an image ("x.jpg/") stays itself too: it was meant as a file, and becomes an is_a_directory row."""
-    if not path.is_dir() or path.suffix.lower() in IMAGE_EXTENSIONS:
+    try:
+        is_dir = path.is_dir()
+    except OSError:  # e.g. a name too long, or inside an unreadable folder: open_image says which
+        is_dir = False
+    if not is_dir or path.suffix.lower() in IMAGE_EXTENSIONS:
         return [path]
-    found, others = [], []
-    for root, dirs, files in os.walk(path):  # does not follow folder symlinks
+    found, others, unsearched = [], [], []
+
+    def cannot_list(err: OSError):
+        where = err.filename or str(path)
+        unsearched.append(ImageItem(str(where), UnsearchedFolder(str(where), err.strerror or str(err))))
+
+    for root, dirs, files in os.walk(path, onerror=cannot_list):  # does not follow folder symlinks
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
             if name.startswith("."):
                 continue
             full = Path(root, name)
             (found if full.suffix.lower() in IMAGE_EXTENSIONS else others).append(full)
-    if not found:
+    if not found and not unsearched:
         seen = f"; it holds {len(others)} other file(s), e.g. {others[0].name!r}" if others else ""
         raise ValueError(
-            f"No images found in folder {str(path)!r} (searched recursively for "
-            f"{', '.join(sorted(IMAGE_EXTENSIONS))}; hidden files are skipped){seen}. "
-            "Check the path, or pass the files explicitly.")
-    return sorted(found, key=lambda p: p.relative_to(path).parts)
+            f"No images found in folder {str(path)!r} (searched recursively for the "
+            f"{len(IMAGE_EXTENSIONS)} extensions Pillow reads, such as .jpg .png .webp .avif; hidden files "
+            f"are skipped){seen}. Check the path, or pass the files explicitly.")
+    parts = {id(x): Path(x.key if isinstance(x, ImageItem) else x).relative_to(path).parts
+             for x in found + unsearched}
+    return sorted(found + unsearched, key=lambda x: parts[id(x)])
 
 
 def _dedupe_keys(items: list[ImageItem]) -> list[ImageItem]:
@@ -223,6 +234,13 @@ def open_image(item: ImageItem, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.I
     if source is None or (isinstance(source, (bytes, bytearray)) and not source):
         raise ImageError(item.key, "empty", f"{item.key}: holds no image data "
                          f"({source!r}). Check that row of the dataset, or drop it.")
+    if isinstance(source, UnsearchedFolder):
+        raise ImageError(item.key, "unreadable", f"{item.key}: this folder could not be searched "
+                         f"({source.reason}), so any images in it were not captioned. Make it readable "
+                         "(e.g. chmod a+rx) and run again.")
+    if isinstance(source, str) and _URL.match(source):
+        raise ImageError(item.key, "is_a_url", f"{item.key}: is a URL; vlmlab reads local files and does not "
+                         "download images. Download it first (e.g. urllib.request.urlretrieve(url, 'cat.png')).")
     if isinstance(source, (bytes, bytearray)):
         return _decode(item.key, io.BytesIO(source), max_pixels)
     if isinstance(source, Image.Image):
@@ -234,7 +252,7 @@ def open_image(item: ImageItem, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.I
             with open(path, "rb") as f:
                 return _decode(item.key, f, max_pixels)
         except OSError as e:  # from open(); _decode() raises only ImageError
-            raise _os_error(item.key, e) from e
+            raise os_error(item.key, e) from e
     raise ImageError(item.key, "unsupported", f"{item.key}: cannot open a "
                      f"{_type_name(source)}; expected a path, bytes or PIL image.")
 
@@ -244,11 +262,18 @@ def _check_path(key: str, path: Path) -> None:
     try:
         st = path.stat()
     except OSError as e:
-        if path.is_symlink():
+        if e.errno == errno.ELOOP:
+            raise ImageError(key, "broken_symlink", f"{key}: is a symbolic link loop (following the links "
+                             "leads back to where they started). Fix or remove the link.") from e
+        try:
+            target = os.readlink(path) if isinstance(e, FileNotFoundError) and path.is_symlink() else None
+        except OSError:
+            target = None
+        if target is not None:
             raise ImageError(key, "broken_symlink", f"{key}: is a symbolic link to "
-                             f"{os.readlink(path)!r}, which does not exist. Fix or "
+                             f"{target!r}, which does not exist. Fix or "
                              "remove the link.") from e
-        raise _os_error(key, e) from e
+        raise os_error(key, e) from e
     if stat.S_ISDIR(st.st_mode):
         raise ImageError(key, "is_a_directory", f"{key}: is a folder, not an image "
                          "file. Pass the folder to collect() to caption the images in it.")
@@ -258,20 +283,6 @@ def _check_path(key: str, path: Path) -> None:
     if st.st_size == 0:
         raise ImageError(key, "empty", f"{key}: the file is empty (0 bytes), probably "
                          "an interrupted download or copy. Fetch or export it again.")
-
-
-def _os_error(key: str, e: OSError) -> ImageError:
-    if isinstance(e, FileNotFoundError):
-        return ImageError(key, "not_found", f"{key}: no such file. Check the path "
-                          "(relative paths are resolved from the current folder, "
-                          f"{os.getcwd()!r}).")
-    if isinstance(e, IsADirectoryError):
-        return ImageError(key, "is_a_directory", f"{key}: is a folder, not an image file.")
-    if isinstance(e, PermissionError):
-        return ImageError(key, "unreadable", f"{key}: permission denied. Make the "
-                          "file readable for this user (e.g. chmod a+r).")
-    return ImageError(key, "unreadable", f"{key}: cannot be read ({e.strerror or e}). "
-                      "Check the disk or network share it lives on.")
 
 
 def _decode(key: str, src: Any, max_pixels: int) -> Image.Image:
@@ -292,7 +303,7 @@ def _decode(key: str, src: Any, max_pixels: int) -> Image.Image:
         raise ImageError(key, "too_large", f"{key}: ran out of memory decoding it. "
                          "Pass a smaller max_pixels, or downscale the image.") from e
     except Exception as e:  # Pillow plugins raise many types; none may crash a run
-        raise _classify(key, src, e) from e
+        raise classify(key, src, e) from e
 
 
 def _formats() -> list[str]:
@@ -318,90 +329,6 @@ def _exif_transpose(im: Image.Image) -> Image.Image:
         return ImageOps.exif_transpose(im)
     except Exception:  # a damaged EXIF block must not cost the image
         return im
-
-
-# Formats Pillow cannot identify: (signature test, what it is, what to do).
-_FOREIGN = [
-    (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"hevc"),
-     "a HEIC/HEIF photo", "install pillow-heif and call "
-     "pillow_heif.register_heif_opener(), or convert it to JPEG/PNG"),
-    (lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"avif", b"avis"),
-     "an AVIF image", "use a Pillow built with AVIF support, or convert it to JPEG/PNG"),
-    (lambda h: h.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")),
-     "a JPEG XL image", "convert it to JPEG/PNG"),
-    (lambda h: b"<svg" in h[:512].lower(),
-     "an SVG vector drawing", "rasterise it first (e.g. with cairosvg or a browser)"),
-    (lambda h: h.startswith(b"%PDF"), "a PDF document", "render its pages to PNG first"),
-    (lambda h: h.startswith((b"%!PS", b"\xc5\xd0\xd3\xc6")), "a PostScript/EPS file",
-     "rasterise it first (Ghostscript is not run on input files)"),
-]
-# Formats Pillow reads: (name, signature test, "does the file end early?"), the
-# last from an end marker or a declared length where the format has one.
-_KNOWN = [
-    ("PNG", lambda h: h.startswith(b"\x89PNG\r\n\x1a\n"), lambda h, t, n: b"IEND" not in t),
-    ("JPEG", lambda h: h.startswith(b"\xff\xd8\xff"), lambda h, t, n: b"\xff\xd9" not in t),
-    ("GIF", lambda h: h.startswith(b"GIF8"), lambda h, t, n: not t.endswith(b";")),
-    ("WebP", lambda h: h[:4] == b"RIFF" and h[8:12] == b"WEBP",
-     lambda h, t, n: int.from_bytes(h[4:8], "little") + 8 > n),
-    ("BMP", lambda h: h.startswith(b"BM"), lambda h, t, n: False),
-    ("TIFF", lambda h: h.startswith((b"II*\x00", b"MM\x00*")), lambda h, t, n: False),
-    ("PNM", lambda h: re.match(rb"P[1-7]\s", h) is not None, lambda h, t, n: False),
-]
-
-
-def _classify(key: str, src: Any, e: Exception) -> ImageError:
-    """Name what went wrong when Pillow failed, from the error and the bytes."""
-    head, tail, size = _peek(src)
-    text = str(e).lower()
-    unidentified = isinstance(e, UnidentifiedImageError)
-    why = "" if unidentified else f" ({type(e).__name__}: {e})"
-    for test, what, advice in _FOREIGN if unidentified else []:
-        if test(head):
-            return ImageError(key, "unsupported", f"{key}: is {what}, which this Pillow "
-                              f"cannot decode; {advice}.")
-    if "not available" in text or "unsupported" in text or "not supported" in text:
-        return ImageError(key, "unsupported", f"{key}: uses a format or feature this "
-                          f"Pillow cannot decode{why}. Convert it to PNG or JPEG.")
-    fmt, ends_early = next(((n, end) for n, is_it, end in _KNOWN if is_it(head)),
-                           (None, None))
-    looks = f"looks like a {fmt} file, but " if fmt else ""
-    if "truncated" in text or isinstance(e, EOFError) or (
-            ends_early and ends_early(head, tail, size)):
-        after = f", after {size:,} bytes" if size else ""
-        return ImageError(key, "truncated", f"{key}: {looks}the image data ends early"
-                          f"{after}{why}. The file was cut off (e.g. an "
-                          "interrupted download or copy); fetch or export it again.")
-    if unidentified and not fmt:
-        return ImageError(key, "not_an_image", f"{key}: is not an image; it is "
-                          f"{_describe_bytes(head)}. Check that the right file was saved.")
-    damaged = "its header cannot be parsed" if unidentified else "the image data is damaged"
-    return ImageError(key, "corrupt", f"{key}: {looks}{damaged}{why}. Re-export or "
-                      "fetch it again; an image editor may be able to recover it.")
-
-
-def _peek(src: Any) -> tuple[bytes, bytes, int]:
-    """First and last 1 KiB and the size of a file object; empty for PIL images."""
-    if not hasattr(src, "seek"):
-        return b"", b"", 0
-    try:
-        size = src.seek(0, os.SEEK_END)
-        src.seek(0)
-        head = src.read(1024)
-        src.seek(max(0, size - 1024))
-        return head, src.read(1024), size
-    except Exception:
-        return b"", b"", 0
-
-
-def _describe_bytes(head: bytes) -> str:
-    start = head[:200].lstrip().lower()
-    if start.startswith((b"<!doctype html", b"<html")):
-        return "an HTML page (often an error page saved instead of the image)"
-    try:
-        head.decode("utf-8")
-        return f"text starting {head[:40].decode('utf-8')!r}"
-    except UnicodeDecodeError:
-        return f"binary data of an unknown format starting {head[:8]!r}"
 
 
 # ------------------------------------------------------------- conversion

@@ -16,6 +16,12 @@ it and the next append cuts it off first, so the file never holds a half row
 in the middle. A malformed line *before* the last one is not a crash artefact
 and raises :class:`JournalError`.
 
+One run at a time: the first append (or :meth:`Journal.lock`) takes an exclusive lock on the file
+that lasts until :meth:`Journal.close`; a second run on the same journal is refused with
+:class:`JournalInUseError`, naming the process that holds it. Only regular files are journals
+(a FIFO or a device would block or never end), and a file that is not a vlmlab journal (a line
+that is not a row, or a last line that is not a torn row) is refused, never cut or overwritten.
+
 Duplicates: if a key appears on several lines (e.g. a retried image), the
 **last** line wins in :meth:`Journal.done`; :meth:`Journal.rows` returns every
 line in file order.
@@ -25,13 +31,26 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any, Iterable
 
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one run per journal is then up to the user
+    fcntl = None
+
+ROW_START = b'{"key": '  # every row vlmlab writes starts so: a torn last line of a journal does too
+
+
 class JournalError(ValueError):
     """The journal file cannot be used as it is; the message says why and what to do."""
+
+
+class JournalInUseError(JournalError):
+    """Another run (another process, or another caption() in this one) is writing this journal."""
 
 
 class Journal:
@@ -42,8 +61,17 @@ class Journal:
         if self.path.is_dir():
             raise JournalError(f"Journal path {str(self.path)!r} is a folder; give a "
                                "file path such as 'out/captions.jsonl'.")
+        try:
+            mode = os.stat(self.path).st_mode
+        except OSError:
+            mode = None  # missing (created on first append), or unreachable (said on first use)
+        if mode is not None and not stat.S_ISREG(mode):
+            raise JournalError(f"Journal path {str(self.path)!r} is not a regular file (a FIFO, device or "
+                               "socket); journals are regular files: give a path such as 'out/captions.jsonl'.")
         self._lock = threading.Lock()
         self._file = None  # opened lazily by the first append
+        self._lock_fd = None  # held from lock() to close()
+        self._created = False
 
     # ------------------------------------------------------------ reading
 
@@ -73,26 +101,36 @@ class Journal:
             rows.append(row)  # a complete row that only lacks its newline
         return rows, len(data)
 
+    def _foreign(self, what: str) -> JournalError:
+        return JournalError(
+            f"{self.path} is not a vlmlab journal ({what}). vlmlab never cuts or overwrites a file it did not "
+            "write: pick another out= path, or move this file away.")
+
     def _parse(self, line: bytes, number: int) -> dict[str, Any]:
         try:
             row = json.loads(line)
         except ValueError as e:
+            if number == 1 and not line.startswith(ROW_START):
+                raise self._foreign(f"line 1 is not valid JSON: {e}") from None
             raise JournalError(
                 f"{self.path}: line {number} is not valid JSON ({e}); only the last "
                 "line can be torn by a crash, so the file was edited or damaged. Fix "
                 "or delete that line (or move the file away to start over).") from None
         if not isinstance(row, dict) or "key" not in row:
-            raise JournalError(f"{self.path}: line {number} is not a JSON object with a "
-                               "'key' field. Fix or delete that line.")
+            raise self._foreign(f"line {number} is not a JSON object with a 'key' field")
         return row
 
-    @staticmethod
-    def _parse_tail(tail: bytes) -> dict[str, Any] | None:
+    def _parse_tail(self, tail: bytes) -> dict[str, Any] | None:
+        """The last line when it lacks a newline: a complete row, or None for a row torn by a crash."""
         try:
             row = json.loads(tail)
         except ValueError:
-            return None
-        return row if isinstance(row, dict) and "key" in row else None
+            if tail.startswith(ROW_START) or ROW_START.startswith(tail):
+                return None
+            raise self._foreign("its last line is neither a row nor the start of one") from None
+        if not isinstance(row, dict) or "key" not in row:
+            raise self._foreign("its last line is not a JSON object with a 'key' field")
+        return row
 
     # ------------------------------------------------------------ writing
 
@@ -103,13 +141,13 @@ class Journal:
             if not isinstance(row, dict) or "key" not in row:
                 raise ValueError("Journal.append() takes a list of dicts, each with a "
                                  f"'key'; got {row!r}")
-            lines.append(json.dumps(row, ensure_ascii=False, default=_jsonable) + "\n")
+            lines.append(_encode(row))
         if not lines:
             return
         with self._lock:
             f = self._file or self._open_for_append()
             try:
-                f.write("".join(lines).encode("utf-8"))
+                f.write(b"".join(lines))
                 f.flush()
                 os.fsync(f.fileno())
             except BaseException:  # e.g. disk full: reopen next time, which cuts
@@ -117,9 +155,30 @@ class Journal:
                 _close_quietly(f)
                 raise
 
-    def _open_for_append(self):
-        """Open once: create parent folders, cut off a torn last line."""
+    def lock(self) -> "Journal":
+        """Take the journal for this run (created if missing) until :meth:`close`; raises
+        :class:`JournalInUseError` naming the holder when another run has it."""
+        if self._lock_fd is not None:
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        existed = self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise JournalInUseError(
+                    f"{self.path} is in use by another run ({holder}). Two runs on one journal would both "
+                    "caption everything and could drop each other's rows: wait for that run to finish or stop "
+                    "it, or give this run another out= file.") from None
+        self._lock_fd, self._created = fd, not existed
+        return self
+
+    def _open_for_append(self):
+        """Open once: lock, create parent folders, cut off a torn last line."""
+        self.lock()
         _, keep = self._read()  # also validates the existing lines
         f = open(self.path, "a+b")  # writes always go to the end
         if f.seek(0, os.SEEK_END) > keep:
@@ -136,6 +195,11 @@ class Journal:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+            if self._lock_fd is not None:
+                if self._created and os.fstat(self._lock_fd).st_size == 0:
+                    _unlink_quietly(self.path)  # made by lock() and never written: leave no trace
+                os.close(self._lock_fd)  # releases the lock
+                self._lock_fd = None
 
     def __enter__(self) -> "Journal":
         return self
@@ -145,6 +209,44 @@ class Journal:
 
     def __repr__(self) -> str:
         return f"Journal({str(self.path)!r})"
+
+
+def _encode(row: dict) -> bytes:
+    """One JSON line. A file name that is not UTF-8 (held by Python as lone surrogates) is written
+    \\u-escaped, which reads back to the same str; everything else stays readable UTF-8."""
+    try:
+        return (json.dumps(row, ensure_ascii=False, default=_jsonable) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(row, ensure_ascii=True, default=_jsonable) + "\n").encode("ascii")
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds the lock on ``fd``'s file: 'pid N (command)' from /proc/locks where there is one."""
+    inode = os.fstat(fd).st_ino
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(inode):
+                    pid = int(parts[4])
+                    if pid == os.getpid():
+                        return f"pid {pid}, this process"
+                    try:
+                        with open(f"/proc/{pid}/cmdline", "rb") as c:
+                            cmd = c.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                    except OSError:
+                        cmd = ""
+                    return f"pid {pid}" + (f": {cmd[:120]}" if cmd else "")
+    except OSError:
+        pass
+    return "another process"
+
+
+def _unlink_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _jsonable(obj: Any) -> Any:
@@ -166,7 +268,7 @@ class JournalMismatchError(ValueError):
 
 _META = ("model", "prompt")
 #: the columns of a caption row (``vlmlab.run.batch`` writes them)
-ROW_FIELDS = ("image", "caption", "error", "error_kind", "n_tokens", "latency_ms", "batch_size", "device")
+ROW_FIELDS = ("image", "caption", "error", "error_kind", "n_tokens", "latency_ms", "batch_size", "device", "replica")
 
 
 def journal_row(row, model, prompt) -> dict:
@@ -186,8 +288,20 @@ def open_caption_journal(out, resume, model, prompt):
     """(Journal or None, {key: result row} of images already captioned there)."""
     if out is None:
         return None, {}
-    journal = Journal(out)
-    rows = journal.rows()
+    journal = Journal(out).lock()  # one run per journal, from before it is read until the run ends
+    try:
+        rows = journal.rows()
+        _check_resumable(out, rows, resume, model, prompt)
+    except BaseException:
+        journal.close()
+        raise
+    done = {}
+    for r in rows:  # the last row of a key wins; keys that had an error are tried again
+        done[r["key"]] = r
+    return journal, {k: _result_row(r) for k, r in done.items() if _is_captioned(r)}
+
+
+def _check_resumable(out, rows, resume, model, prompt):
     if rows and not resume:
         raise FileExistsError(f"{out} already holds {len(rows)} caption row(s). vlmlab never overwrites a "
                               f"journal: delete it (or pick another out=) to start over, or pass resume=True to "
@@ -199,7 +313,8 @@ def open_caption_journal(out, resume, model, prompt):
             f"{out} holds captions from model {m!r} with prompt {p!r}; this run uses model {model!r} with "
             f"prompt {prompt!r}. Resuming would mix the two: pick another out= file, delete this one, or run "
             f"with the same model and prompt.")
-    done = {}
-    for r in rows:  # the last row of a key wins; keys that had an error are tried again
-        done[r["key"]] = r
-    return journal, {k: _result_row(r) for k, r in done.items() if not r.get("error")}
+
+
+def _is_captioned(row) -> bool:
+    """A row that counts as done on resume: a caption and no error (hand-edited rows may lack either)."""
+    return isinstance(row.get("caption"), str) and not row.get("error")

@@ -10,6 +10,7 @@ One row (a dict) per input image, in input order, with at least::
     latency_ms  the image's share of its generation call's wall time
     batch_size  how many images that generation call held (smaller after an OOM)
     device      where the inputs went ("cpu", "cuda:0", "cuda:0,cuda:1" for a split)
+    replica     which replica of the plan made it (0 in this process; one per worker process)
 
 It renders in a notebook as a thumbnail gallery (``_repr_html_``); ``to_pandas()`` gives the table.
 """
@@ -21,7 +22,7 @@ import io
 import json
 from dataclasses import dataclass, field
 
-COLUMNS = ("image", "caption", "error", "error_kind", "n_tokens", "latency_ms", "batch_size", "device")
+COLUMNS = ("image", "caption", "error", "error_kind", "n_tokens", "latency_ms", "batch_size", "device", "replica")
 THUMB_PX = 96  # longest side of a gallery thumbnail
 GALLERY_MAX = 48  # tiles shown before "... and N more"
 
@@ -37,6 +38,7 @@ class CaptionResult:
     oom_retries: int = 0  # how many times a batch was halved after running out of memory
     elapsed_s: float = 0.0
     profile: object = None  # vlmlab.observe result when caption(profile=True)
+    warnings: list = field(default_factory=list)  # workers that died or stopped answering, one line each
     items: dict = field(default_factory=dict, repr=False)  # key -> ImageItem, to draw thumbnails
 
     # ---- plain data ----------------------------------------------------------------------------
@@ -88,6 +90,7 @@ class CaptionResult:
             parts.append(f"{self.oom_retries} OOM retr{'y' if self.oom_retries == 1 else 'ies'} at smaller batches")
         if self.elapsed_s:
             parts.append(f"{self.elapsed_s:.1f} s")
+        parts += [w.splitlines()[0] for w in self.warnings]
         return "; ".join(parts)
 
     def __repr__(self):

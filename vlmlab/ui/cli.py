@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("model", help="a catalogue name (e.g. llava-1.5-7b), a folder or a Hub id")
     pl.add_argument("--gpus", default=None, help="a virtual box ('2x24GiB') or indices ('0,1'); default: this machine")
     pl.add_argument("--strategy", default="auto", help="auto, single, split, replicate, hybrid")
-    pl.add_argument("--dtype", default="bfloat16")
+    pl.add_argument("--dtype", default=None, help="default: bfloat16 on GPUs, float32 on CPU")
     pl.add_argument("--batch-size", type=positive_int, default=1)
     pl.add_argument("--max-new-tokens", type=positive_int, default=64)
     pl.add_argument("--gpus-per-replica", type=positive_int, default=None)
@@ -92,8 +92,18 @@ def main(argv=None) -> int:
 
 # ------------------------------------------------------------------------------------ commands
 def _caption(args) -> int:
+    import os
+
     import vlmlab
 
+    from vlmlab.run.images import IMAGE_EXTENSIONS
+
+    # a missing folder is bad input, said before any model loads; a missing image file gets an error row
+    missing = [p for p in args.paths if not os.path.lexists(p) and "://" not in p
+               and (p.endswith(("/", os.sep)) or Path(p).suffix.lower() not in IMAGE_EXTENSIONS)]
+    if missing:
+        raise UsageError(f"no such folder: {_printable(missing[0])}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     result = vlmlab.caption(args.paths, model=args.model, prompt=args.prompt, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, out=args.out, resume=args.resume,
                             gpus=_gpu_arg(args.gpus), dtype=args.dtype, progress=not args.quiet)
@@ -208,12 +218,12 @@ def _plan_text(plan) -> str:
 
 
 def _print_rows(rows, base=""):
-    names = [r["image"][len(base):] if base else r["image"] for r in rows]
+    names = [_printable(r["image"][len(base):] if base else r["image"]) for r in rows]
     width = min(max((len(n) for n in names), default=5), 60)
     print(f"{'image':<{width}}  {'latency':>9}  caption")
     for name, r in zip(names, rows):
         text = r["caption"] if not r["error"] else f"ERROR [{r['error_kind']}] {r['error'].removeprefix(r['image'] + ': ')}"
-        print(f"{name:<{width}}  {_ms(r['latency_ms']):>9}  {text}")
+        print(f"{name:<{width}}  {_ms(r['latency_ms']):>9}  {_printable(str(text))}")
 
 
 def _common_root(keys) -> str:
@@ -224,6 +234,11 @@ def _common_root(keys) -> str:
         return ""
     root = os.path.commonpath(keys) if all(os.path.isabs(k) == os.path.isabs(keys[0]) for k in keys) else ""
     return root + os.sep if root and root != os.sep and all(k.startswith(root + os.sep) for k in keys) else ""
+
+
+def _printable(name: str) -> str:
+    """A path as text any terminal takes: bytes that are not UTF-8 shown as \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _ms(value) -> str:

@@ -19,7 +19,7 @@ import shlex
 import sys
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from traitlets import Float, Int, Unicode
 
 from vlmlab.ui.argtypes import positive_int
@@ -254,7 +254,8 @@ def _user_errors():
     """Errors of the API that are the user's to fix (a bad value, a model that does not fit, a broken
     device map, a missing file, a second copy): shown as a short UsageError, not a traceback. Any
     other exception (a bug) keeps its traceback."""
-    errors = [ValueError, FileNotFoundError, FileExistsError]  # PlanError, DeviceMapError are ValueErrors
+    # PlanError, DeviceMapError, an unknown model are ValueErrors; ImportError: an optional package to install
+    errors = [ValueError, FileNotFoundError, FileExistsError, ImportError]
     loading = sys.modules.get("vlmlab.run.loading")
     if loading is not None:
         errors.append(loading.AlreadyLoadedError)
@@ -270,6 +271,7 @@ class VlmMagic(Magics):
     batch_size = Int(None, allow_none=True, help="batch size used when --batch-size is not given").tag(config=True)
     poll_interval = Float(1.0, help="seconds between samples of the dashboard's memory monitor").tag(config=True)
 
+    @no_var_expand  # arguments are taken as typed: a prompt or path with {braces} or $ is not evaluated
     @line_cell_magic
     def vlm(self, line: str = "", cell: str | None = None):
         """%vlm SUBCOMMAND [ARGS]: a lab bench for vision-language models. %vlm help for usage."""
