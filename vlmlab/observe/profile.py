@@ -102,9 +102,12 @@ class Profile:
         return out
 
     def error_pct(self) -> dict:
-        """Device -> (measured - predicted) / predicted in %, where both are known."""
-        measured = self.peak()
-        return {d: 100.0 * (measured[d] - p) / p for d, p in self.predicted.items() if d in measured and p}
+        """Device -> (measured - predicted) / predicted in %, where both are known. Not on the CPU: the
+        memory model predicts what a GPU holds, and a process's RSS (its whole Python and torch runtime)
+        is not that, so a percentage there would be noise."""
+        measured, basis = self.peak(), self.peak_basis()
+        return {d: 100.0 * (measured[d] - p) / p for d, p in self.predicted.items()
+                if d in measured and p and basis.get(d) != "rss"}
 
     # -- tables -----------------------------------------------------------------------------
     def to_pandas(self) -> dict:
