@@ -26,7 +26,7 @@ from pathlib import Path
 
 SEED = 0
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512)
+            num_key_value_heads=2, max_position_embeddings=4096)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 CORPUS_WORDS = ("a an the red green blue yellow white black orange purple circle square triangle star "
                 "small large big on in of above below left right next to and with image photo picture "

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from vlmlab.run.images import ImageError, ImageItem, open_image
-from vlmlab.run.prompts import build_prompt
+from vlmlab.run.prompts import caption_inputs, tokenizer_of
 from vlmlab.run.target import ModelTarget
 
 #: error_kind values beyond images.ERROR_KINDS
@@ -19,7 +19,8 @@ RUN_ERROR_KINDS = {
 
 
 def caption_batch(loaded_model, images: list, prompt: str | None, max_new_tokens: int | None) -> list[dict]:
-    """Caption a list of RGB PIL images in one ``generate`` call: ``[{"caption", "n_tokens"}, ...]``.
+    """Caption a list of RGB PIL images in one ``generate`` call: ``[{"caption", "n_tokens", "tokens"}, ...]``
+    (``tokens``: the generated ids up to the first stop token).
     ``prompt`` / ``max_new_tokens`` None: the model's defaults (as in :func:`caption`).
 
     The only place that runs the model; worker processes call exactly this. Raises what the model
@@ -36,13 +37,8 @@ def caption_batch(loaded_model, images: list, prompt: str | None, max_new_tokens
         target = ModelTarget(lm, None, None)
         prompt = target.default_prompt() if prompt is None else prompt
         max_new_tokens = target.default_max_new_tokens() if max_new_tokens is None else max_new_tokens
-    text = build_prompt(processor, prompt)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    tokenizer.padding_side = "left"  # decoder-only batching: the new tokens follow every prompt directly
-    if getattr(tokenizer, "pad_token", "") is None and getattr(tokenizer, "eos_token", None) is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # e.g. Llama tokenizers ship without one
-    inputs = processor(images=list(images), text=[text] * len(images), return_tensors="pt", padding=True)
-    inputs = inputs.to(lm.input_device)
+    inputs = caption_inputs(processor, list(images), prompt).to(lm.input_device)
+    tokenizer = tokenizer_of(processor)
     model_dtype = getattr(lm.model, "dtype", None)
     if model_dtype is not None and model_dtype.is_floating_point:
         for k, v in inputs.items():
@@ -57,7 +53,8 @@ def caption_batch(loaded_model, images: list, prompt: str | None, max_new_tokens
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
     eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
     stop = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-    return [{"caption": t.strip(), "n_tokens": _count_tokens(ids, stop, pad)} for t, ids in zip(texts, new.tolist())]
+    return [{"caption": t.strip(), "n_tokens": _count_tokens(ids, stop, pad), "tokens": _until_stop(ids, stop)}
+            for t, ids in zip(texts, new.tolist())]
 
 
 def caption_items(loaded_model, items: list[ImageItem], prompt: str | None = None, max_new_tokens: int | None = None,
@@ -166,6 +163,14 @@ def _row(key, caption=None, error=None, error_kind=None, n_tokens=0, latency_ms=
          device=None) -> dict:
     return {"image": key, "caption": caption, "error": error, "error_kind": error_kind, "n_tokens": n_tokens,
             "latency_ms": latency_ms, "batch_size": batch_size, "device": device}
+
+
+def _until_stop(ids, stop) -> list[int]:
+    """The generated ids up to (not including) the first stop token."""
+    for n, t in enumerate(ids):
+        if t in stop:
+            return ids[:n]
+    return ids
 
 
 def _count_tokens(ids, stop, pad) -> int:
