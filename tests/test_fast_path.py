@@ -235,3 +235,100 @@ def test_generation_for_is_decided_once_per_loaded_model(tiny):
     assert fg.generation_for(lm, "eager")[1] == "eager generate was asked for"
     fg.forget(lm)
     assert "_generation" not in vars(lm)
+
+
+def test_a_longer_cache_of_the_same_batch_is_reused(tiny):
+    import torch
+
+    ms, model = tiny
+    gen, notes = fg.FastGenerator(model, compile_prefill=False), []
+    gen.on_compile = notes.append
+    with torch.inference_mode():
+        gen.generate(_inputs(ms, 2), max_new_tokens=60, do_sample=False)
+        cache = gen._cache
+        gen.generate(_inputs(ms, 2), max_new_tokens=1, do_sample=False)  # a prefill-only call: same shape
+    assert gen._cache is cache and len(gen.compile_s) == 1
+    assert notes[0].startswith("compiling for batch 2") and notes[1].startswith("compiled for batch 2 in")
+
+
+# ---- batch size chosen by the planner ----------------------------------------------------------
+def _fits(p, share):
+    return all(sum(b.values()) <= share * p.hardware.by_index(i).free for i, b in p.memory.items())
+
+
+def test_auto_batch_is_the_largest_that_leaves_headroom():
+    import html
+
+    import vlmlab
+    from vlmlab.plan import planner
+
+    p = vlmlab.plan("llava-1.5-7b", "h200", strategy="single", batch_size="auto", max_new_tokens=32)
+    b = p.batch_size
+    assert 8 <= b < planner.AUTO_MAX_BATCH and b % 8 == 0
+    assert _fits(p, 1 - planner.AUTO_HEADROOM)
+    bigger = vlmlab.plan("llava-1.5-7b", "h200", strategy="single", batch_size=b + 8, max_new_tokens=32)
+    assert not _fits(bigger, 1 - planner.AUTO_HEADROOM)
+    assert "batch_size='auto'" in p.batch_note and html.escape(p.batch_note) in p._repr_html_()
+    assert vlmlab.Plan.from_json(p.to_json()).batch_note == p.batch_note
+
+
+def test_auto_batch_caps_and_cpu_default_and_overrides():
+    import vlmlab
+    from vlmlab.plan import planner
+
+    small = vlmlab.plan("qwen2.5-vl-7b", "h200", strategy="single", batch_size="auto", max_new_tokens=32)
+    assert small.batch_size == planner.AUTO_MAX_BATCH and "the most vlmlab picks" in small.batch_note
+    assert vlmlab.plan(None, "cpu", batch_size="auto").batch_size == planner.AUTO_CPU_BATCH
+    assert vlmlab.plan("llava-1.5-7b", "h200", strategy="single", batch_size=16).batch_size == 16  # a number wins
+    assert vlmlab.plan("llava-1.5-7b", "h200", strategy="single").batch_size == 1  # the default is unchanged
+
+
+def test_auto_batch_keeps_the_split_and_the_replicas():
+    import vlmlab
+    from vlmlab.plan import planner
+
+    split = vlmlab.plan("llava-1.5-7b", "2x24GiB", strategy="split", batch_size="auto", max_new_tokens=32)
+    assert split.strategy == "split" and split.batch_size >= 1 and _fits(split, 1 - planner.AUTO_HEADROOM)
+    rep = vlmlab.plan("llava-1.5-7b", "2xh200", strategy="replicate", batch_size="auto", max_new_tokens=32)
+    assert len(rep.replicas) == 2 and rep.batch_size % 8 == 0
+
+
+def test_auto_batch_refusals():
+    import vlmlab
+
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 'big'"):
+        vlmlab.plan("llava-1.5-7b", "h200", batch_size="big")
+    with pytest.raises(ValueError, match="with a device_map give a number"):
+        vlmlab.plan("llava-1.5-7b", "h200", batch_size="auto", device_map={"": 0})
+
+
+# ---- card peaks --------------------------------------------------------------------------------
+def test_bf16_peaks_from_the_hardware_table():
+    from vlmlab.hardware import _tflops_of, gpus
+
+    assert gpus("h200")[0].bf16_tflops == 989 and gpus("a100-40gb")[0].bf16_tflops == 312
+    assert gpus("24GiB")[0].bf16_tflops is None and gpus("rtx4070")[0].bf16_tflops is None
+    assert _tflops_of("NVIDIA H200") == 989 and _tflops_of("NVIDIA A100-SXM4-80GB") == 312
+    assert _tflops_of("NVIDIA L40S") == 362 and _tflops_of("Some Unknown GPU") is None
+
+
+# ---- bench and Profile report the path and the rates ------------------------------------------
+def test_profile_reports_achieved_rates_on_the_cpu():
+    import vlmlab
+
+    prof = vlmlab.profile(progress=False, gpus="cpu")
+    rates = prof.to_dict(samples=False, calls=False)["rates"]
+    assert rates["prefill_tflops"] > 0 and rates["decode_gbs"] > 0
+    assert rates["prefill_pct_peak"] is None and rates["decode_pct_peak"] is None  # a CPU has no peak in the table
+    assert rates["batch"] == 8
+
+
+def test_bench_rows_say_which_path_ran_and_its_rates():
+    import vlmlab
+
+    r = vlmlab.bench(None, strategies=["single"], gpus="cpu", random_weights=True, n_images=3, max_new_tokens=3,
+                     progress=False, isolate=False)
+    row = r.rows[0]
+    assert row["generation"] == "eager" and "not on a GPU" in row["generation_reason"]
+    assert row["batch_size"] == 3 and row["compile_s"] == 0.0  # 3 images: one batch of 3 (auto is 8 on the CPU)
+    assert row["prefill_tflops"] > 0 and row["decode_gbs"] > 0 and row["wall_s"] >= row["seconds"]

@@ -38,6 +38,13 @@ CARDS: dict[str, tuple[str, int, float]] = {
     "rtx5090": ("GeForce RTX 5090", 32 * GiB, 1792),
     "rtx-a6000": ("RTX A6000", 48 * GiB, 768),
 }
+# name -> dense bf16 (fp16 where the card has no bf16) tensor-core TFLOP/s without sparsity, from the
+# vendors' data sheets; GeForce cards at fp32 accumulate, as a training or inference framework uses them.
+BF16_TFLOPS: dict[str, float] = {
+    "t4": 65, "v100-16gb": 125, "v100-32gb": 125, "a10": 125, "l4": 121, "l40s": 362, "a100-40gb": 312,
+    "a100-80gb": 312, "h100-80gb": 989, "h100-94gb": 835, "h200": 989, "b200": 2250, "rtx3090": 71,
+    "rtx4090": 165, "rtx-a6000": 155,
+}
 ALIASES = {"a100": "a100-80gb", "h100": "h100-80gb", "h200-141gb": "h200", "v100": "v100-32gb",
            "3090": "rtx3090", "4090": "rtx4090", "a6000": "rtx-a6000"}
 
@@ -62,6 +69,7 @@ class Gpu:
     bandwidth: float | None = None  # GB/s, when the card is known
     nvml_index: int | None = None
     uuid: str | None = None
+    bf16_tflops: float | None = None  # dense bf16 tensor-core peak, when the card is known
 
     @property
     def used(self) -> int:
@@ -214,7 +222,8 @@ def parse(spec: str) -> Hardware:
         name, mem, bw = _card(token)
         if mem <= 0:
             raise ValueError(f"{item!r}: a device needs a memory size above zero, e.g. '24GiB'")
-        devices += [Gpu(len(devices) + i, name, mem, mem, bandwidth=bw) for i in range(count)]
+        devices += [Gpu(len(devices) + i, name, mem, mem, bandwidth=bw, bf16_tflops=_tflops_of(name) if bw else None)
+                    for i in range(count)]
     if not devices:
         raise ValueError(f"no device in hardware spec {spec!r}")
     kinds = {g.kind for g in devices}
@@ -283,7 +292,8 @@ def _from_nvml() -> Hardware | None:
                 util = None
             name = _str(pynvml.nvmlDeviceGetName(h))
             devices.append(Gpu(torch_index, name, int(mem.total), int(mem.free), kind="cuda",
-                               utilization=util, bandwidth=_bandwidth_of(name), nvml_index=nv, uuid=uuids[nv]))
+                               utilization=util, bandwidth=_bandwidth_of(name), nvml_index=nv, uuid=uuids[nv],
+                               bf16_tflops=_tflops_of(name)))
         return Hardware(devices, "nvml", "" if devices else "NVML sees no GPU visible to this process")
     finally:
         pynvml.nvmlShutdown()
@@ -302,23 +312,34 @@ def _from_torch() -> Hardware | None:
     for i in range(torch.cuda.device_count()):  # initialises CUDA: only reached without NVML
         free, total = torch.cuda.mem_get_info(i)
         name = torch.cuda.get_device_name(i)
-        devices.append(Gpu(i, name, total, free, kind="cuda", bandwidth=_bandwidth_of(name)))
+        devices.append(Gpu(i, name, total, free, kind="cuda", bandwidth=_bandwidth_of(name), bf16_tflops=_tflops_of(name)))
     return Hardware(devices, "torch")
 
 
 def _bandwidth_of(name: str) -> float | None:
+    key = _card_key(name)
+    return CARDS[key][2] if key else None
+
+
+def _tflops_of(name: str) -> float | None:
+    key = _card_key(name)
+    return BF16_TFLOPS.get(key) if key else None
+
+
+def _card_key(name: str) -> str | None:
+    """The CARDS key of a device name as NVML, torch or a virtual box write it."""
     low = name.lower()
 
     def within(part, text):  # not followed by a letter or digit: "A10" is not in "A100", nor "L4" in "L40S"
         return re.search(re.escape(part) + r"(?![a-z0-9])", text) is not None
 
-    for display, _, bw in CARDS.values():
+    for key, (display, _, _) in CARDS.items():
         if within(display.lower(), low) or within(low, display.lower()):
-            return bw
+            return key
     squashed = low.replace(" ", "")
     family = [k for k in CARDS if within(k.split("-")[0], low) or within(k.split("-")[0], squashed)]
     sized = [k for k in family if "-" in k and k.split("-", 1)[1] in squashed]  # "A100-SXM4-80GB" -> a100-80gb
-    return CARDS[(sized or family)[0]][2] if family else None
+    return (sized or family)[0] if family else None
 
 
 def _str(x) -> str:

@@ -9,7 +9,10 @@ model (a fixed number of new tokens), so a 7B model's strategies compare before 
 from __future__ import annotations
 
 import html
+import time
 from dataclasses import dataclass, field
+
+from vlmlab.run.fast_generate import even_batches
 
 GiB = 1024**3
 
@@ -40,8 +43,9 @@ class BenchResult:
         import io
 
         df = self.to_pandas()
-        keep = [c for c in ("strategy", "batch_size", "replicas", "images", "images_per_s", "tokens_per_s", "p50_ms",
-                            "p95_ms", "peak_gib", "predicted_gib", "error_pct") if c in df.columns]
+        keep = [c for c in ("strategy", "batch_size", "replicas", "generation", "images", "images_per_s", "tokens_per_s",
+                            "p50_ms", "p95_ms", "prefill_tflops", "decode_gbs", "peak_gib", "predicted_gib", "error_pct")
+                if c in df.columns]
         table = df[keep].to_html(index=False, float_format=lambda v: f"{v:.2f}")
         img = ""
         try:
@@ -53,13 +57,20 @@ class BenchResult:
         return f"<div class='vlmlab-bench'>{table}{img}</div>"
 
 
-def bench(model=None, strategies=("single", "replicate"), batch_sizes=(8,), gpus=None, images=None, n_images=None,
+def bench(model=None, strategies=("single", "replicate"), batch_sizes=None, gpus=None, images=None, n_images=None,
           max_new_tokens: int | None = None, dtype: str | None = None, random_weights: bool = False,
           prompt: str | None = None, progress: bool = True, isolate: bool = False) -> BenchResult:
     """Run the same images (default: the bundled samples) under each strategy and batch size.
 
+    ``batch_sizes``: None (or "auto" among them): the planner's batch, the largest that fits with
+    headroom (8 on the CPU), evened out over the images so the last batch is not mostly padding.
     ``isolate=True`` runs ``single`` and ``split`` in a worker process too, so this process never
-    holds GPU memory and each run's measured peaks are its own."""
+    holds GPU memory and each run's measured peaks are its own.
+
+    Rows say which generation path ran (``generation``: "static+compile" or "eager", and why) and
+    the compile cost (``compile_s``: the first call of each shape); with ``random_weights`` and one
+    replica in this process, also the achieved prefill TFLOP/s and decode GB/s and their share of
+    the card's peak (``vlmlab.observe.roofline``)."""
     from tqdm.auto import tqdm
 
     from vlmlab.plan.planner import _hardware, plan as make_plan
@@ -76,20 +87,26 @@ def bench(model=None, strategies=("single", "replicate"), batch_sizes=(8,), gpus
         items = collect(images if images is not None else _samples())
         n = len(items)
     result = BenchResult()
-    runs = [(s, b) for s in strategies for b in batch_sizes]
+    runs = [(s, b) for s in strategies for b in (batch_sizes or ("auto",))]
     bar = tqdm(runs, desc="bench", disable=not progress)
     for strategy, batch_size in bar:
         bar.set_postfix_str(f"{strategy} b{batch_size}")
         p = make_plan(model, gpus=hw, strategy=strategy, dtype=dtype, batch_size=batch_size, max_new_tokens=max_new_tokens)
         result.plans[(strategy, batch_size)] = p
-        result.rows.append(_run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, isolate))
+        size = even_batches(n, p.batch_size) if batch_size == "auto" else batch_size
+        note = (lambda text, label=f"{strategy} b{size}": bar.set_postfix_str(f"{label}: {text}", refresh=True))
+        row = _run_one(p, items, n, size, max_new_tokens, random_weights, prompt, isolate, note)
+        if p.batch_note:
+            row["batch_note"] = p.batch_note
+        result.rows.append(row)
     return result
 
 
-def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, isolate=False) -> dict:
+def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, isolate=False, note=None) -> dict:
     import numpy as np
 
     from vlmlab.run import workers
+    from vlmlab.run.fast_generate import generation_for
 
     if random_weights:
         per_batch = [min(batch_size, n - s) for s in range(0, n, batch_size)]
@@ -103,15 +120,25 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, is
         payloads = [items[s:s + batch_size] for s in range(0, n, batch_size)]
         job = "vlmlab.run.batch:caption_items"
         kwargs = {"prompt": prompt, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "warmup": items[:1]}
+    t0, extra = time.perf_counter(), {}
     if len(p.replicas) > 1 or isolate:
         rows, stats = workers.run_replicas(p, payloads, job, kwargs, load_kwargs={"random_weights": random_weights})
+        extra["wall_s"] = time.perf_counter() - t0
+        extra["generation"] = rows[0].get("generation") if rows else None
     else:
         from vlmlab.run.loading import load, unload
 
         lm = load(p, random_weights=random_weights, force=True)
+        mode, reason, fast = generation_for(lm)
+        if fast is not None:
+            fast.on_compile = note
         _reset_peaks(lm.devices)
         try:
             rows, stats = workers.run_in_process(lm, payloads, job, kwargs)
+            extra.update(wall_s=time.perf_counter() - t0, generation=mode, generation_reason=reason,
+                         compile_s=sum(fast.compile_s.values()) if fast is not None else 0.0)
+            if random_weights and rows and stats.busy_s:
+                extra.update(_rates(lm, p, batch_size, max_new_tokens, rows, mode))
         finally:
             unload(lm)
     lat = [r.get("batch_latency_ms", r.get("latency_ms")) for r in rows if r.get("latency_ms") is not None]
@@ -127,6 +154,7 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, is
            "steady_images_per_s": sum(stats.worker_rows[w] / stats.worker_s[w] for w in stats.worker_s if stats.worker_s[w]),
            "load_s": max(stats.load_s.values(), default=float("nan")),
            "batches_per_worker": ",".join(str(stats.batches[w]) for w in sorted(stats.batches))}
+    out.update(extra)
     if stats.peaks:
         worst = max(stats.peaks, key=lambda d: stats.peaks[d] / predicted.get(d, 1))
         out.update(peak_gib=stats.peaks[worst] / GiB, predicted_gib=predicted.get(worst, 0) / GiB,
@@ -134,6 +162,25 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, is
                    peaks={str(d): b for d, b in stats.peaks.items()},
                    predicted={str(d): b for d, b in predicted.items()})
     return out
+
+
+def _rates(lm, p, batch_size, max_new_tokens, rows, mode) -> dict:
+    """Achieved prefill TFLOP/s and decode GB/s: a prefill-only call of the run's shape is timed,
+    and the rest of the median batch is decode."""
+    import numpy as np
+
+    from vlmlab.observe.roofline import achieved
+    from vlmlab.run.dry_run import prefill_seconds
+    from vlmlab.run.fast_generate import STATIC, cache_length
+
+    prefill_s, prompt = prefill_seconds(lm, batch_size)
+    batch_s = float(np.percentile([r["batch_latency_ms"] for r in rows], 50)) / 1000
+    decode_step_s = (batch_s - prefill_s) / (max_new_tokens - 1) if max_new_tokens > 1 and batch_s > prefill_s else None
+    kv = cache_length(prompt, max_new_tokens) if mode == STATIC else prompt + max_new_tokens // 2
+    gpu = p.hardware.by_index(p.replicas[0].gpus[0]) if p.replicas[0].gpus else None
+    return {"prefill_s": prefill_s, "decode_step_ms": 1000 * decode_step_s if decode_step_s else None,
+            **achieved(p._spec(), gpu, batch=batch_size, prompt_tokens=prompt, prefill_s=prefill_s,
+                       decode_step_s=decode_step_s, kv_tokens=kv, dtype=p.dtype)}
 
 
 def _reset_peaks(devices):

@@ -57,6 +57,7 @@ class Profile:
     detail: str = "layers"
     notes: list = field(default_factory=list)
     replicas: list = field(default_factory=list)  # a run over worker processes: each worker's own Profile
+    rates: dict = field(default_factory=dict)  # achieved prefill TFLOP/s, decode GB/s, % of peak (observe.roofline)
 
     # -- numbers ----------------------------------------------------------------------------
     @property
@@ -169,6 +170,8 @@ class Profile:
                "predicted": {device_label(d): v for d, v in self.predicted.items()},
                "error_pct": {device_label(d): v for d, v in self.error_pct().items()},
                "notes": list(self.notes)}
+        if self.rates:
+            out["rates"] = dict(self.rates)
         if self.replicas:
             out["replicas"] = [r.to_dict(samples=False, calls=False) for r in self.replicas]
         if calls:
@@ -229,6 +232,10 @@ class Profile:
         dev_t = (f"<table><tr><th>device</th><th>forward ms</th><th>peak measured</th><th>predicted GiB</th>"
                  f"<th>error</th></tr>{dev}</table>")
         notes = "".join(f"<li>{esc(n)}</li>" for n in self.notes)
+        if self.rates:
+            from vlmlab.observe.roofline import describe
+
+            head += f"<br>{esc(describe(self.rates))}" if describe(self.rates) else ""
         return (f"<div class='vlmlab-profile'>{head}<div style='display:flex;gap:1em;align-items:flex-start'>"
                 f"<div>{lat_t}</div><div>{dev_t}</div></div>"
                 f"<div style='display:flex;gap:1em'>{png_html(self.plot_memory(figsize=(5.5, 3)))}"

@@ -233,15 +233,39 @@ class Profiler:
             notes.append(f"decoder layers timed on 1 decode step in {self._layer_every} (and on every prefill); "
                          f"their decode times are scaled up to all decode steps")
         predicted = _predicted(self.plan, self.loaded, self._devices) if self.plan is not None else {}
-        return Profile(model=self.name, devices=list(self._devices), wall_s=self._wall,
-                       images=self.images if self._counted else None, tokens=tokens,
-                       stages=d["stages"], device_ms=d["device_ms"],
-                       layer_ms=d["layer_ms"] if self.detail == "layers" else [], layer_devices=d["layer_devices"],
-                       steps=d["steps"], samples=samples, peaks=peaks, predicted=predicted,
-                       interval=self.interval if self.memory else None, detail=self.detail, notes=notes)
+        profile = Profile(model=self.name, devices=list(self._devices), wall_s=self._wall,
+                          images=self.images if self._counted else None, tokens=tokens,
+                          stages=d["stages"], device_ms=d["device_ms"],
+                          layer_ms=d["layer_ms"] if self.detail == "layers" else [], layer_devices=d["layer_devices"],
+                          steps=d["steps"], samples=samples, peaks=peaks, predicted=predicted,
+                          interval=self.interval if self.memory else None, detail=self.detail, notes=notes)
+        profile.rates = _rates(profile, self.plan)
+        return profile
 
     def __repr__(self):
         return f"Profiler({self.name}, {self._state})"
+
+
+def _rates(profile, plan) -> dict:
+    """Achieved prefill TFLOP/s and decode GB/s from the median stage times, for the plan's model:
+    batch = images per generate call, prompt length from the plan's workload (its image tokens plus
+    its prompt_tokens), a decode step attending over the prompt and half the new tokens (a dynamic
+    cache grows). Empty without a plan, a count of images, or a prefill and a decode to time."""
+    lat = profile.latency
+    if plan is None or not profile.images or not profile.generate_calls or "prefill" not in lat:
+        return {}
+    spec = plan._spec()
+    from vlmlab.observe.roofline import achieved
+
+    batch = max(1, round(profile.images / profile.generate_calls))
+    prompt = plan.workload.prefill_tokens(spec.dims)
+    new_per_seq = (profile.tokens or 0) / profile.images
+    gpu = next((plan.hardware.by_index(d) for d in profile.devices if isinstance(d, int)), None)
+    decode_ms = lat.get("decode", {}).get("p50_ms")
+    return {"batch": batch, "prompt_tokens": prompt,
+            **achieved(spec, gpu, batch=batch, prompt_tokens=prompt, prefill_s=lat["prefill"]["p50_ms"] / 1000,
+                       decode_step_s=decode_ms / 1000 if decode_ms else None,
+                       kv_tokens=prompt + int(new_per_seq // 2), dtype=plan.dtype)}
 
 
 def _predicted(plan, loaded, devices) -> dict:

@@ -36,6 +36,7 @@ class Plan:
     problems: list[str] = field(default_factory=list)
     requested: str | None = None
     spec: object = field(default=None, repr=False, compare=False)
+    batch_note: str | None = None  # how batch_size="auto" chose the batch
 
     # ---- plain data ----------------------------------------------------------------------------
     @property
@@ -71,7 +72,8 @@ class Plan:
         return {"model": self.model, "strategy": self.strategy, "requested": self.requested, "dtype": self.dtype,
                 "workload": vars(self.workload), "hardware": {"source": self.hardware.source, "devices": self.hardware.to_dicts()},
                 "replicas": [r.to_dict() for r in self.replicas],
-                "memory": {str(i): b for i, b in self.memory.items()}, "warnings": self.warnings, "problems": self.problems}
+                "memory": {str(i): b for i, b in self.memory.items()}, "warnings": self.warnings, "problems": self.problems,
+                **({"batch_note": self.batch_note} if self.batch_note else {})}
 
     def to_json(self, path=None, indent=2) -> str:
         text = json.dumps(self.to_dict(), indent=indent)
@@ -90,7 +92,7 @@ class Plan:
         hw = Hardware([Gpu(**g) for g in d["hardware"]["devices"]], d["hardware"]["source"])
         replicas = [Replica(r["gpus"], {k: normalise_device(v) for k, v in r["device_map"].items()}) for r in d["replicas"]]
         return cls(d["model"], d["strategy"], d["dtype"], Workload(**d["workload"]), hw, replicas,
-                   {int(i): b for i, b in d["memory"].items()}, d["warnings"], d["problems"], d.get("requested"))
+                   {int(i): b for i, b in d["memory"].items()}, d["warnings"], d["problems"], d.get("requested"), batch_note=d.get("batch_note"))
 
     def to_pandas(self):
         """Predicted bytes per device (rows) and component (columns), with capacity and total."""
@@ -188,6 +190,7 @@ class Plan:
         map_rows = "".join(f"<tr><td><code>{esc(w)}</code></td><td>{esc(d)}</td></tr>" for w, d in self.summary())
         notes = "".join(f"<li style='color:#c44e52'>{esc(p)}</li>" for p in self.problems)
         notes += "".join(f"<li>{esc(w)}</li>" for w in self.warnings)
+        notes += f"<li>{esc(self.batch_note)}</li>" if self.batch_note else ""
         groups = "; ".join(", ".join(f"GPU{g}" for g in r.gpus) for r in self.replicas)
         return (f"<div class='vlmlab-plan'><b>{esc(self.model)}</b> — strategy <b>{self.strategy}</b>, {self.dtype}, "
                 f"batch {self.batch_size}, {self.max_new_tokens} new tokens; replicas: {groups}"

@@ -37,6 +37,12 @@ def caption_batch(loaded_model, images: list, prompt: str | None, max_new_tokens
         target = ModelTarget(lm, None, None)
         prompt = target.default_prompt() if prompt is None else prompt
         max_new_tokens = target.default_max_new_tokens() if max_new_tokens is None else max_new_tokens
+    from vlmlab.run.fast_generate import generation_for, padded_size
+
+    _, _, fast = generation_for(lm)
+    n = len(images)
+    if fast is not None:  # pad a short batch to the compiled shape with copies of its last image
+        images = list(images) + [images[-1]] * (padded_size(n, fast.batch_size) - n)
     inputs = caption_inputs(processor, list(images), prompt).to(lm.input_device)
     tokenizer = tokenizer_of(processor)
     model_dtype = getattr(lm.model, "dtype", None)
@@ -46,10 +52,13 @@ def caption_batch(loaded_model, images: list, prompt: str | None, max_new_tokens
                 inputs[k] = v.to(model_dtype)
     gen = lm.model.generation_config
     pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
+    kw = dict(do_sample=False, num_beams=1, pad_token_id=pad)
     with torch.inference_mode():
-        output = lm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                   pad_token_id=pad)
-    new = output[:, inputs["input_ids"].shape[1]:].cpu()
+        if fast is not None:
+            output = fast.generate(inputs, max_new_tokens, **kw)
+        else:
+            output = lm.model.generate(**inputs, max_new_tokens=max_new_tokens, **kw)
+    new = output[:n, inputs["input_ids"].shape[1]:].cpu()
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
     eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
     stop = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}

@@ -98,7 +98,8 @@ def caption(images, model=None, prompt: str | None = None, batch_size: int = 8, 
             result.oom_retries, result.profile = _run_replicas(target.plan, todo, prompt, max_new_tokens, batch_size,
                                                                sink, profile)
         elif todo:
-            result.profile = _run_local(target, todo, prompt, max_new_tokens, batch_size, sink, state, profile)
+            result.profile = _run_local(target, todo, prompt, max_new_tokens, batch_size, sink, state, profile,
+                                        note=lambda text: bar.set_postfix_str(text, refresh=True))
             result.oom_retries = state.oom_retries
     except KeyboardInterrupt:
         bar.close()
@@ -120,7 +121,7 @@ def caption(images, model=None, prompt: str | None = None, batch_size: int = 8, 
 
 
 # -------------------------------------------------------------------------------- local runs
-def _run_local(target, todo, prompt, max_new_tokens, batch_size, sink, state, profile):
+def _run_local(target, todo, prompt, max_new_tokens, batch_size, sink, state, profile, note=None):
     chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     prof = None
     with ExitStack() as stack:
@@ -133,6 +134,11 @@ def _run_local(target, todo, prompt, max_new_tokens, batch_size, sink, state, pr
                 pending = pool.submit(open_all, chunks[i + 1])
             if target.lm is None and any(not isinstance(x, ImageError) for _, x in opened):
                 target.get()  # loaded only once there is an image to caption
+            if note is not None and target.lm is not None:  # compiling a shape shows in the progress bar
+                from vlmlab.run.fast_generate import watch_compiles
+
+                watch_compiles(target.lm, note)
+                note = None
             if profile and prof is None and target.lm is not None:
                 from vlmlab.observe.profiler import Profiler
 

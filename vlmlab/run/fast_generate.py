@@ -141,11 +141,13 @@ class FastGenerator:
         On an error (out of memory, say) the cache is let go before the error propagates."""
         import torch
 
-        batch, prompt = inputs["input_ids"].shape[:2]
-        key = (int(batch), cache_length(int(prompt), max_new_tokens))
+        batch, prompt = (int(n) for n in inputs["input_ids"].shape[:2])
+        key = (batch, cache_length(prompt, max_new_tokens))
+        if self._cache_key is not None and self._cache_key[0] == batch and self._cache_key[1] >= key[1]:
+            key = self._cache_key  # a longer cache of this batch serves too: no new shape to compile
         first = key not in self.compile_s
         if first and self.on_compile is not None:
-            self.on_compile(f"compiling for batch {key[0]}, {key[1]} cache tokens (once per shape)")
+            self.on_compile(f"compiling for batch {key[0]}, {key[1]} cache tokens (once per shape)...")
         t0 = time.perf_counter()
         if self._prefill is not None:
             vars(self._decoder)["forward"] = self._prefill
@@ -162,6 +164,8 @@ class FastGenerator:
             if self.model.device.type == "cuda":
                 torch.cuda.synchronize(self.model.device)
             self.compile_s[key] = time.perf_counter() - t0
+            if self.on_compile is not None:
+                self.on_compile(f"compiled for batch {key[0]} in {self.compile_s[key]:.0f} s")
         self.batch_size = key[0]
         return out
 
@@ -189,12 +193,20 @@ def generation_for(loaded_model, requested: str | None = "auto") -> tuple[str, s
     """``(mode, reason, generator)`` for a LoadedModel, decided once and kept on it, so that every
     batch of a run (and every later run) reuses the same cache and compiled graphs. The generator
     is None on the eager path."""
-    kept = loaded_model.__dict__.setdefault("_generation", {})
     requested = requested or "auto"
+    if requested == "auto" and _profiled(loaded_model.model):
+        return EAGER, "a Profiler's hooks are on the model: profiled runs time eager generate", None
+    kept = loaded_model.__dict__.setdefault("_generation", {})
     if requested not in kept:
         mode, reason = choose_generation(loaded_model.model, loaded_model.devices, requested)
         kept[requested] = (mode, reason, FastGenerator(loaded_model.model) if mode == STATIC else None)
     return kept[requested]
+
+
+def _profiled(model) -> bool:
+    from vlmlab.observe.hooks import active_hooks
+
+    return active_hooks(model) > 0
 
 
 def forget(loaded_model) -> None:
@@ -202,3 +214,11 @@ def forget(loaded_model) -> None:
     for _, _, generator in loaded_model.__dict__.pop("_generation", {}).values():
         if generator is not None:
             generator.close()
+
+
+def watch_compiles(loaded_model, note) -> None:
+    """Have ``note(text)`` called when the loaded model's fast path starts and ends compiling a
+    shape (a progress bar's postfix, say). Nothing happens on the eager path."""
+    _, _, generator = generation_for(loaded_model)
+    if generator is not None:
+        generator.on_compile = note

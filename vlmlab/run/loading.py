@@ -81,8 +81,11 @@ def unload(model=None) -> int:
         if not targets and path is None:  # e.g. a catalogue alias of a loaded name
             name = get_spec(model).name
             targets = [m for m in _REGISTRY if m.name == name]
+    from vlmlab.run.fast_generate import forget
+
     for m in targets:
         _REGISTRY.remove(m)
+        forget(m)  # its static cache and compiled prefill
         m.model = None
         m.processor = None
     gc.collect()
