@@ -31,6 +31,7 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--plain-batch", type=int, default=64)
+    ap.add_argument("--plain-images", type=int, default=None, help="images for the plain runs (default: --images)")
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -95,7 +96,7 @@ def _plain(kind, args) -> dict:
     from vlmlab.model.dummy_inputs import caption_inputs
     from vlmlab.model.spec import spec
 
-    ms, b, n, new = spec("llava-1.5-7b"), args.plain_batch, args.images, args.new_tokens
+    ms, b, n, new = spec("llava-1.5-7b"), args.plain_batch, args.plain_images or args.images, args.new_tokens
     with torch.device("cuda"):
         model = AutoModelForImageTextToText.from_config(ms.config, dtype=torch.bfloat16).eval()
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
