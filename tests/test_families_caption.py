@@ -16,7 +16,7 @@ import vlmlab
 from tests.tiny_vlms import FAMILIES, build_all
 from vlmlab.run import batch as captioning
 from vlmlab.model.saved_processor import load_processor
-from vlmlab.run.prompts import build_prompt, caption_inputs, chat_template_of
+from vlmlab.run.prompts import DEFAULT_PROMPTS, FALLBACK_PROMPT, build_prompt, caption_inputs, chat_template_of
 
 SIZES = [(40, 30), (64, 64), (23, 57), (90, 48)]  # (width, height)
 MAX_NEW_TOKENS = 8
@@ -48,33 +48,35 @@ def images():
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
 
 
-def _tokens(lm, images):
-    return [row["tokens"] for row in captioning.caption_batch(lm, images, PROMPT, MAX_NEW_TOKENS)]
+def _tokens(lm, images, prompt):
+    return [row["tokens"] for row in captioning.caption_batch(lm, images, prompt, MAX_NEW_TOKENS)]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_captions_a_batch_like_one_at_a_time(family, tiny_vlms, images):
     vlmlab.unload()
-    try:
-        result = vlmlab.caption(images, model=str(tiny_vlms[family]), prompt=PROMPT, batch_size=4,
-                                max_new_tokens=MAX_NEW_TOKENS, dtype="float32", progress=False)
+    try:  # the family's default prompt: an instruction in its chat template, "caption en" (PaliGemma), none (BLIP-2)
+        result = vlmlab.caption(images, model=str(tiny_vlms[family]), batch_size=4, max_new_tokens=MAX_NEW_TOKENS,
+                                dtype="float32", progress=False)
         rows = result.rows
+        assert result.prompt == DEFAULT_PROMPTS.get(family.replace("blip2", "blip-2"), FALLBACK_PROMPT)
         assert [r["error"] for r in rows] == [None] * 4, rows
         assert all(r["batch_size"] == 4 and isinstance(r["caption"], str) for r in rows), rows
         assert any(r["n_tokens"] for r in rows), rows  # a random model may stop at once on one image, not on all
         (lm,) = vlmlab.loaded()  # caption() loaded the folder once, the way it loads a Hub model
 
-        inputs = caption_inputs(lm.processor, images, PROMPT)
+        inputs = caption_inputs(lm.processor, images, result.prompt)
         lengths = inputs["attention_mask"].sum(1).tolist()
         assert (len(set(lengths)) > 1) == (family in DYNAMIC), lengths
 
-        batched = _tokens(lm, images)
-        alone = [_tokens(lm, [im])[0] for im in images]
+        batched = _tokens(lm, images, result.prompt)
+        alone = [_tokens(lm, [im], result.prompt)[0] for im in images]
         assert batched == alone
         assert len({tuple(t) for t in alone}) > 1, "every image got the same caption: the image is ignored"
         pad = lm.model.generation_config.pad_token_id
         assert [r["n_tokens"] for r in rows] == [sum(t != pad for t in ids) for ids in alone]
-        assert [r["caption"] for r in rows] == [lm.processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in alone]
+        decode = lm.processor.tokenizer.decode
+        assert [r["caption"] for r in rows] == [decode(t, skip_special_tokens=True).strip() for t in alone]
     finally:
         vlmlab.unload()
 

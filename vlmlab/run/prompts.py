@@ -12,17 +12,14 @@ the layout every processor reads as "one image for each text" (Idefics and Mllam
 """
 from __future__ import annotations
 
-#: Text of the user message per family (the chat template wraps it); the bundled captioner's own
-#: prompt ("caption") overrides this for that model.
+#: The user message where a family's checkpoints were trained on something other than an
+#: instruction (by model_type; the spec's family name). They ship no chat template either.
 DEFAULT_PROMPTS = {
-    "llava": "Describe this image in one sentence.",
-    "llava_next": "Describe this image in one sentence.",
-    "qwen2_vl": "Describe this image in one sentence.",
-    "idefics3": "Describe this image in one sentence.",
-    "internvl": "Describe this image in one sentence.",
-    "paligemma": "caption en",  # no chat template: the processor adds the image tokens
-    "blip2": "",  # plain image captioning: no prompt
+    "paligemma": "caption en",  # PaliGemma's captioning task prefix; the processor adds image tokens and BOS
+    "blip-2": "",  # BLIP-2 captions from the image alone
 }
+#: every other family: an instruction, wrapped by the model's chat template (the bundled captioner's
+#: own prompt, "caption", overrides this for that model)
 FALLBACK_PROMPT = "Describe this image in one sentence."
 TINY_PROMPT = "caption"  # the prompt scripts/train_captioner.py trained the bundled model on
 TINY_MAX_NEW_TOKENS = 24  # its captions are six words
