@@ -209,7 +209,9 @@ def _quantization(dtype: str):
 
 
 def _pretrained(ms, dm, dtype, trust_remote_code, allow_pickle):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from vlmlab.model.saved_processor import load_processor
 
     source = ms.path or ms.hub_id or ms.name
     kwargs = dict(dtype=_torch_dtype(dtype), device_map=dict(dm), trust_remote_code=trust_remote_code,
@@ -219,7 +221,7 @@ def _pretrained(ms, dm, dtype, trust_remote_code, allow_pickle):
         kwargs["quantization_config"] = q
     try:
         model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+        processor = load_processor(source, trust_remote_code=trust_remote_code)  # images need no torchvision
     except OSError as err:
         pickles = _pickle_files(ms.path) if ms.path and not allow_pickle else []
         if pickles:
