@@ -25,6 +25,8 @@ import math
 from pathlib import Path
 
 SEED = 0
+# a long context although prompts are short: caption() refuses a prompt whose image tokens at a
+# photo-sized default image (1024x768) would not fit, and Qwen2-VL counts 3072 there
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=4096)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -296,6 +298,8 @@ def _gemma3():
     proc = Gemma3Processor(ip, tok, chat_template=TEMPLATES["gemma3"], image_seq_length=4)
 
     def config(ids):
+        # untied: in a random 2-layer Gemma 3 the tied head reads back the last token (sandwich norms
+        # keep every layer's output small next to the scaled embedding) and every image gets "\n\n\n..."
         text = Gemma3TextConfig(**_text(**ids, head_dim=16, query_pre_attn_scalar=16, sliding_window=64),
                                 tie_word_embeddings=False)
         return Gemma3Config(text_config=text, vision_config=_siglip(), mm_tokens_per_image=4, tie_word_embeddings=False,
