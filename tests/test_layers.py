@@ -8,7 +8,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vlmlab"
 #: lowest first; a module may import from its own rank and the ranks below
-RANKS = {"hardware": 0, "figures": 0, "assets": 0, "model": 1, "plan": 2, "observe": 3, "run": 4, "measure": 5,
+RANKS = {"hardware": 0, "cluster": 0, "figures": 0, "assets": 0, "model": 1, "plan": 2, "observe": 3, "run": 4, "measure": 5,
          "api": 6, "ui": 7}
 COMPAT = {"vlmlab", "vlmlab.plans", "vlmlab.profiling"}  # the package and the deprecated old paths: top
 MAX_LINES = 450

@@ -5,7 +5,9 @@ Exactly once is checked on the journal, line by line: every image has exactly on
 after a node is removed mid-run and after the driver is interrupted (Ctrl-C) and then killed
 (SIGKILL) mid-run and rerun with the same journal. The faulty drivers run as subprocesses.
 
-Kept small for CI: one cluster for the module (2 + 2 CPUs), one torch thread per actor.
+Kept small for CI: one cluster for the module (2 + 2 CPUs), one torch thread per actor. Without
+Ray installed only the tests that need no cluster run (planning by node, an actor's view of its
+replica); the rest skip.
 """
 from __future__ import annotations
 
@@ -19,10 +21,14 @@ from collections import Counter
 
 import pytest
 
-ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
+import vlmlab
+from vlmlab.hardware import GiB, Gpu, Hardware
 
-import vlmlab  # noqa: E402
+try:
+    import ray
+except ImportError:
+    ray = None
+needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed (pip install 'vlmlab[ray]')")
 
 N_IMAGES = 200
 BATCH = 4
@@ -41,6 +47,8 @@ print(json.dumps({"rows": len(rows), "errors": int(rows.error.notna().sum()), "r
 
 
 def _start_cluster():
+    from ray.cluster_utils import Cluster
+
     # a generous agent start-up budget: on a busy 2-core box the dashboard agent can take >15 s to import
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": NODE_CPUS, "include_dashboard": False,
@@ -52,6 +60,8 @@ def _start_cluster():
 
 @pytest.fixture(scope="module")
 def cluster():
+    if ray is None:
+        pytest.skip("Ray is not installed (pip install 'vlmlab[ray]')")
     for attempt in range(3):  # Ray's own 30 s start-up limit can trip on a loaded machine
         try:
             c = _start_cluster()
@@ -74,6 +84,45 @@ def images(tmp_path_factory):
     for i, (image, _, _) in enumerate(make_dataset(N_IMAGES, seed=13, size=48)):
         image.save(folder / f"img_{i:03d}.png")
     return folder
+
+
+def two_gpu_nodes():
+    """A pretend cluster: two nodes of two 80 GiB GPUs, as ``gpus("ray")`` lists them."""
+    return Hardware([Gpu(i, "NVIDIA H100 80GB HBM3", 80 * GiB, 80 * GiB, kind="cuda", nvml_index=i % 2,
+                         node=f"node{i // 2}", host=f"10.0.0.{i // 2}") for i in range(4)], "ray", address="ray://head:10001")
+
+
+def test_plans_keep_each_replica_group_inside_one_node():
+    hw = two_gpu_nodes()
+    assert list(hw.nodes()) == ["node0", "node1"]
+    hybrid = vlmlab.plan("llava-1.5-7b", gpus=hw, strategy="hybrid", gpus_per_replica=2)
+    assert [r.gpus for r in hybrid.replicas] == [[0, 1], [2, 3]]
+    replicate = vlmlab.plan("llava-1.5-7b", gpus=hw, strategy="replicate")
+    assert len(replicate.replicas) == 4 and replicate.runs_in_workers
+    single = vlmlab.plan("llava-1.5-7b", gpus=hw, strategy="single")
+    assert single.runs_in_workers  # one replica, still on the cluster: the driver holds no model
+    with pytest.raises(ValueError, match="inside one node"):
+        vlmlab.plan("llava-1.5-7b", gpus=hw, strategy="split")
+    odd = Hardware(hw.devices[:3], "ray")  # node1 has one GPU: no 2-GPU group there
+    assert [r.gpus for r in vlmlab.plan("llava-1.5-7b", gpus=odd, strategy="hybrid", gpus_per_replica=2).replicas] == [[0, 1]]
+    again = vlmlab.Plan.from_json(hybrid.to_json())
+    assert again.hardware.address == "ray://head:10001" and again.hardware.nodes().keys() == hw.nodes().keys()
+    with pytest.raises(ValueError, match="Ray cluster"):
+        vlmlab.load(hybrid)  # the driver never loads a cluster plan itself
+
+
+def test_an_actor_sees_its_replica_numbered_from_zero():
+    from vlmlab.run.ray_backend import local_view, placement
+
+    plan = vlmlab.plan("llava-1.5-7b", gpus=two_gpu_nodes(), strategy="hybrid", gpus_per_replica=2)
+    assert placement(plan, 1) == ("node1", 2, 2)  # node, CPUs, GPUs
+    view = local_view(plan, 1)  # Ray sets CUDA_VISIBLE_DEVICES to the two GPUs it gives the actor
+    assert [r.gpus for r in view.replicas] == [[0, 1]] and [g.index for g in view.hardware] == [0, 1]
+    assert set(view.replicas[0].device_map.values()) == {0, 1}
+    assert sorted(view.memory) == [0, 1] and view.memory[0] == plan.memory[2]
+    moved = plan.move(layers=range(0, 4), to=0, replica=1)  # a group across nodes is refused before any actor starts
+    with pytest.raises(ValueError, match="inside one Ray node"):
+        placement(moved, 1)
 
 
 def _alive_nodes():
@@ -110,6 +159,7 @@ def _free_cpus_return(total, timeout=60):
     return False
 
 
+@needs_ray
 def test_cluster_devices_by_node(cluster):
     hw = vlmlab.gpus("ray")
     assert hw.source == "ray" and hw.is_cpu
@@ -122,6 +172,7 @@ def test_cluster_devices_by_node(cluster):
     assert vlmlab.Plan.from_json(plan.to_json()).hardware.nodes().keys() == hw.nodes().keys()
 
 
+@needs_ray
 def test_every_image_once_on_both_nodes(cluster, images, tmp_path):
     plan = vlmlab.plan(None, gpus=vlmlab.gpus("ray"), strategy="replicate", dtype="float32", batch_size=BATCH)
     assert len(plan.replicas) == 2 * NODE_CPUS
@@ -138,6 +189,7 @@ def test_every_image_once_on_both_nodes(cluster, images, tmp_path):
     assert _free_cpus_return(2 * NODE_CPUS)  # the actors are gone
 
 
+@needs_ray
 def test_interrupted_then_killed_driver_resumes_exactly_once(cluster, images, tmp_path):
     out = tmp_path / "captions.jsonl"
     first = _driver(images, out, cluster.address)  # Ctrl-C mid-run: actors stop, finished batches kept
@@ -165,6 +217,7 @@ def test_interrupted_then_killed_driver_resumes_exactly_once(cluster, images, tm
     assert len(keys) == N_IMAGES and set(keys.values()) == {1}, keys.most_common(3)
 
 
+@needs_ray
 def test_node_removed_mid_run_loses_and_duplicates_nothing(cluster, images, tmp_path):
     out = tmp_path / "captions.jsonl"
     worker_node = cluster.list_all_nodes()[1]
@@ -182,3 +235,20 @@ def test_node_removed_mid_run_loses_and_duplicates_nothing(cluster, images, tmp_
         assert worker_node.node_id in nodes and nodes[worker_node.node_id] < N_IMAGES
     finally:
         cluster.add_node(num_cpus=NODE_CPUS)  # whole again for any later test
+
+
+@needs_ray
+def test_gpu_picker_lists_the_cluster_by_node(cluster):
+    pytest.importorskip("ipywidgets")
+    from vlmlab.ui.widgets import GpuPicker
+
+    picker = GpuPicker(machine=Hardware([], "none", "No GPU found on this machine"))
+    picker.source.value = "ray"
+    assert picker.runnable is None and "Connect" in picker.message.value
+    picker.address.value = "ray"
+    picker.connect()
+    headings = [r for r in picker.rows.children if "node " in getattr(r, "value", "")]
+    assert len(headings) == 2 and len(picker.checks) == 2 * NODE_CPUS
+    picker.checks[0].value = False
+    hw = picker.runnable
+    assert hw.source == "ray" and [g.index for g in hw] == [1, 2, 3] and set(hw.nodes()) == _alive_nodes()

@@ -43,7 +43,7 @@ def profile(model=None, images=None, prompt: str | None = None, gpus=None, strat
 def _random_weights_run(p, batch_size, max_new_tokens, n_images):
     from vlmlab.run.dry_run import synthetic_batch
 
-    if len(p.replicas) > 1:
+    if p.runs_in_workers:
         from vlmlab.run.workers import run_replicas
 
         payloads = [min(batch_size, n_images - s) for s in range(0, n_images, batch_size)]

@@ -3,7 +3,7 @@
 A plan made for ``gpus("ray")`` (the GPUs of a running Ray cluster, by node; the CPUs of CPU-only
 nodes) runs here instead of in local worker processes; ``workers.run_replicas`` picks this
 transport from ``plan.hardware.source``. Everything that decides what counts stays on the driver
-and is shared with the local workers (:class:`~vlmlab.run.workers.Dispatcher`): batches go out one
+and is shared with the local workers (:mod:`vlmlab.run.dispatch`): batches go out one
 at a time to whichever actor is free, the driver knows which batch each actor holds, the first
 result of a batch is the only one kept, and ``on_rows`` (journal, progress bar) runs here once per
 finished batch. So resume and exactly-once hold as for local workers; an actor or node that dies
@@ -15,7 +15,7 @@ five lines as for processes, and a replica that spans several GPUs is simply an 
 them; Ray Data would add pyarrow, its own retry layer (at-least-once, so the driver would still
 have to de-duplicate) and a second copy of the dispatch logic.
 
-Each actor runs :class:`~vlmlab.run.workers.ReplicaJob`, the same code as a local worker. Ray
+Each actor runs :class:`~vlmlab.run.dispatch.ReplicaJob`, the same code as a local worker. Ray
 gives it its GPUs through CUDA_VISIBLE_DEVICES, so the actor sees its replica numbered from 0
 (:func:`local_view`); rows say the node, the replica and the physical device. Images travel as
 bytes (the driver reads each file when its batch is sent), so nodes need no shared file system.
@@ -28,10 +28,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from vlmlab.hardware import Hardware, connect_ray
+from vlmlab.cluster import connect_ray
+from vlmlab.hardware import Hardware
 from vlmlab.plan.plan import Replica
 from vlmlab.run.images import DatasetRow, ImageItem
-from vlmlab.run.workers import Dispatcher
+from vlmlab.run.dispatch import Dispatcher, ReplicaJob
 
 
 def placement(plan, wid) -> tuple[str, int, int]:
@@ -52,7 +53,7 @@ def local_view(plan, wid):
     local = {g: i for i, g in enumerate(r.gpus)}
     devices = [replace(plan.hardware.by_index(g), index=i) for g, i in local.items()]
     device_map = {k: local[v] if isinstance(v, int) else v for k, v in r.device_map.items()}
-    return replace(plan, hardware=Hardware(devices, plan.hardware.source, address=plan.hardware.address),
+    return replace(plan, hardware=Hardware(devices, "ray-actor"),
                    replicas=[Replica(list(local.values()), device_map)],
                    memory={local[g]: b for g, b in plan.memory.items() if g in local})
 
@@ -84,7 +85,6 @@ class ReplicaActor:
         import ray
 
         from vlmlab.plan.plan import Plan
-        from vlmlab.run.workers import ReplicaJob
 
         plan = Plan.from_json(plan_json)
         self.wid, self.node = wid, ray.get_runtime_context().get_node_id()
@@ -121,7 +121,10 @@ class RayPool(Dispatcher):
         super().__init__(len(plan.replicas), payloads, on_rows)
         self.ray = connect_ray(plan.hardware.address)
         self.placements = [placement(plan, w) for w in range(len(plan.replicas))]
-        self.args = (plan.to_json(indent=None), job, dict(job_kwargs or {}), load_kwargs or {}, profile)
+        job_kwargs = dict(job_kwargs or {})
+        if "warmup" in job_kwargs:
+            job_kwargs["warmup"] = portable(job_kwargs["warmup"])
+        self.args = (plan.to_json(indent=None), job, job_kwargs, load_kwargs or {}, profile)
         self.actors, self.calls = {}, {}  # wid -> actor handle; pending ObjectRef -> wid
 
     def start(self):

@@ -14,6 +14,10 @@ class ModelTarget:
         from vlmlab.run.loading import LoadedModel
         from vlmlab.plan.plan import Plan
 
+        if isinstance(gpus, str):  # a bad spec is said now, not after the run has started
+            from vlmlab.hardware import gpus as get_gpus
+
+            get_gpus(gpus)
         self.gpus, self.dtype = gpus, dtype
         self.lm = None
         self.plan = None
@@ -36,7 +40,7 @@ class ModelTarget:
 
     @property
     def replicas(self) -> bool:
-        return self.plan is not None and len(self.plan.replicas) > 1
+        return self.plan is not None and self.plan.runs_in_workers
 
     @property
     def is_tiny(self) -> bool:
@@ -56,6 +60,34 @@ class ModelTarget:
     def default_max_new_tokens(self) -> int:
         return TINY_MAX_NEW_TOKENS if self.is_tiny else MAX_NEW_TOKENS
 
+    def check_context(self, prompt: str, max_new_tokens: int) -> None:
+        """Refuse a prompt plus new tokens that cannot fit the language model's context window."""
+        config = self._spec.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        context = getattr(text_config, "max_position_embeddings", None)
+        if not isinstance(context, int) or context < 1:
+            return
+        image_tokens = self._spec.dims.image_tokens
+        prompt_tokens = self._count_prompt_tokens(prompt)
+        need = image_tokens + prompt_tokens + max_new_tokens
+        if need > context:
+            raise ValueError(
+                f"{self.name} reads at most {context} tokens, but {image_tokens} image tokens + {prompt_tokens} "
+                f"prompt tokens + max_new_tokens={max_new_tokens} make {need}. Use a shorter prompt or at most "
+                f"max_new_tokens={max(context - image_tokens - prompt_tokens, 0)}.")
+
+    def _count_prompt_tokens(self, prompt: str) -> int:
+        """The prompt's tokens by the model's tokenizer where it is at hand (loaded, or a local folder);
+        otherwise its words, which no tokenizer makes fewer of."""
+        tokenizer = None
+        if self.lm is not None and self.lm.processor is not None:
+            tokenizer = getattr(self.lm.processor, "tokenizer", self.lm.processor)
+        elif getattr(self._spec, "path", None):
+            tokenizer = _local_tokenizer(self._spec.path)
+        if tokenizer is None:
+            return len(prompt.split())
+        return len(tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"])
+
     def prompt_text(self, prompt) -> str | None:
         if self.lm is None or self.lm.processor is None:
             return None
@@ -64,7 +96,10 @@ class ModelTarget:
     def get(self):
         """The LoadedModel: reuse a loaded copy, or load one now."""
         if self.lm is None:
-            self.lm = self._find() or self._load()
+            found = self._find()
+            if found is not None and found.processor is None:
+                raise ValueError(random_copy_message(found))
+            self.lm = found or self._load()
         return self.lm
 
     def _find(self):
@@ -102,6 +137,26 @@ class ModelTarget:
         if self.plan is not None:
             return load(self.plan)
         return load(self.model, gpus=self.gpus, dtype=self.dtype)
+
+
+def random_copy_message(lm) -> str:
+    return (f"{lm.name} is loaded with random weights (vlmlab.load(..., random_weights=True)) and no processor, "
+            f"so it cannot caption images, and a second copy on the same devices would double the memory. "
+            f"Free it first with vlmlab.unload({lm.name!r}), then caption again: that loads the real weights.")
+
+
+_TOKENIZERS: dict = {}
+
+
+def _local_tokenizer(path):
+    if path not in _TOKENIZERS:
+        try:
+            from transformers import AutoTokenizer
+
+            _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+        except Exception:  # noqa: BLE001 - no tokenizer there: count words instead
+            _TOKENIZERS[path] = None
+    return _TOKENIZERS[path]
 
 
 def _canonical(dtype):
