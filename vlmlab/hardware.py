@@ -3,7 +3,9 @@
 Real GPUs come from NVML (nvidia-ml-py), which never initialises CUDA in this process; torch is
 only a fallback. Virtual boxes are parsed from strings such as ``"2x24GiB"``, ``"a100-40gb"``,
 ``"h100-80gb,rtx3090"``, ``"4xh200"`` or ``"2xcpu"`` (CPU worker slots, for running the
-multi-process machinery without a GPU).
+multi-process machinery without a GPU). ``"ray"`` (or ``"ray://host:10001"``, ``"ray:host:6379"``)
+lists the GPUs of a running Ray cluster by node, read by NVML on each node; a cluster without GPUs
+gives one CPU slot per CPU of each node.
 """
 from __future__ import annotations
 
@@ -69,6 +71,8 @@ class Gpu:
     bandwidth: float | None = None  # GB/s, when the card is known
     nvml_index: int | None = None
     uuid: str | None = None
+    node: str | None = None  # the Ray node id, for a cluster's devices
+    host: str | None = None  # that node's address
     bf16_tflops: float | None = None  # dense bf16 tensor-core peak, when the card is known
 
     @property
@@ -93,8 +97,9 @@ class Hardware:
     """An ordered set of devices. Empty (and saying why) on a machine with no GPU."""
 
     devices: list[Gpu] = field(default_factory=list)
-    source: str = "virtual"  # "nvml" | "torch" | "virtual" | "none"
+    source: str = "virtual"  # "nvml" | "torch" | "virtual" | "none" | "ray"
     message: str = ""
+    address: str | None = None  # the Ray cluster's address, for source "ray" (None: found as ray.init finds it)
 
     def __len__(self):
         return len(self.devices)
@@ -115,6 +120,13 @@ class Hardware:
     @property
     def is_cpu(self) -> bool:
         return bool(self.devices) and all(g.kind == "cpu" for g in self.devices)
+
+    def nodes(self) -> dict:
+        """{node: [devices]} in order; one entry (None) for a single machine."""
+        out: dict = {}
+        for g in self.devices:
+            out.setdefault(g.node, []).append(g)
+        return out
 
     def by_index(self, index) -> Gpu | None:
         for g in self.devices:
@@ -137,7 +149,7 @@ class Hardware:
             chosen = [g for g in chosen if g.free >= need]
         if n is not None:
             chosen = sorted(sorted(chosen, key=lambda g: -g.free)[:n], key=lambda g: g.index)
-        return Hardware(chosen, self.source, "" if chosen else "no device matches the selection")
+        return Hardware(chosen, self.source, "" if chosen else "no device matches the selection", self.address)
 
     def to_dicts(self) -> list[dict]:
         return [g.to_dict() for g in self.devices]
@@ -146,18 +158,21 @@ class Hardware:
         import pandas as pd
 
         cols = ["index", "name", "kind", "total", "free", "utilization", "bandwidth", "nvml_index"]
+        cols += ["node", "host"] if self.source == "ray" else []
         return pd.DataFrame([{c: getattr(g, c) for c in cols} for g in self.devices], columns=cols)
 
     def __repr__(self):
         if not self.devices:
             return f"Hardware(empty: {self.message})"
-        rows = [f"  {g.label}: {g.name}, {fmt_bytes(g.free)} free of {fmt_bytes(g.total)}" for g in self.devices]
+        rows = [f"  {g.label}: {g.name}, {fmt_bytes(g.free)} free of {fmt_bytes(g.total)}"
+                + (f", node {g.node[:8]} ({g.host})" if g.node else "") for g in self.devices]
         return f"Hardware({self.source}, {len(self)} device(s)\n" + "\n".join(rows) + ")"
 
     def _repr_html_(self):
         if not self.devices:
             return f"<p><b>No GPU.</b> {html.escape(self.message)}</p>"
-        head = "<tr><th>device</th><th>name</th><th>free</th><th>total</th><th>used</th><th>util</th><th>bandwidth</th></tr>"
+        on_nodes = any(g.node for g in self.devices)
+        head = "<tr>" + ("<th>node</th>" if on_nodes else "") + "<th>device</th><th>name</th><th>free</th><th>total</th><th>used</th><th>util</th><th>bandwidth</th></tr>"
         rows = []
         for g in self.devices:
             pct = 100 * g.used / g.total if g.total else 0
@@ -165,7 +180,8 @@ class Hardware:
                    f"width:{pct:.0f}%;height:10px'></div></div>")
             util = "" if g.utilization is None else f"{g.utilization:.0f}%"
             bw = "" if g.bandwidth is None else f"{g.bandwidth:.0f} GB/s"
-            rows.append(f"<tr><td>{g.label}</td><td>{html.escape(g.name)}</td><td>{fmt_bytes(g.free)}</td>"
+            node = f"<td title='{g.node}'>{g.node[:8]} ({html.escape(str(g.host))})</td>" if on_nodes else ""
+            rows.append(f"<tr>{node}<td>{g.label}</td><td>{html.escape(g.name)}</td><td>{fmt_bytes(g.free)}</td>"
                         f"<td>{fmt_bytes(g.total)}</td><td>{bar}</td><td>{util}</td><td>{bw}</td></tr>")
         return (f"<table class='vlmlab-gpus'><caption>{len(self)} device(s), {self.source}</caption>"
                 f"{head}{''.join(rows)}</table>")
@@ -269,7 +285,7 @@ def visible_nvml_indices(visible: str | None, nvml_uuids: list[str]) -> list[int
     return out
 
 
-def _from_nvml() -> Hardware | None:
+def _from_nvml(visible: str | None = "env") -> Hardware | None:
     try:
         import pynvml
     except ImportError:
@@ -283,7 +299,8 @@ def _from_nvml() -> Hardware | None:
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(n)]
         uuids = [_str(pynvml.nvmlDeviceGetUUID(h)) for h in handles]
         devices = []
-        for torch_index, nv in enumerate(visible_nvml_indices(os.environ.get("CUDA_VISIBLE_DEVICES"), uuids)):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible == "env" else visible
+        for torch_index, nv in enumerate(visible_nvml_indices(visible, uuids)):
             h = handles[nv]
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
             try:
@@ -347,9 +364,12 @@ def _str(x) -> str:
 
 
 def gpus(spec: str | Hardware | None = None) -> Hardware:
-    """The GPUs of this machine (``spec=None``) or a virtual box (``spec="2x24GiB"``)."""
+    """The GPUs of this machine (``spec=None``), a virtual box (``spec="2x24GiB"``) or a Ray
+    cluster (``spec="ray"``, ``"ray://host:10001"``, ``"ray:host:6379"``)."""
     if isinstance(spec, Hardware):
         return spec
+    if isinstance(spec, str) and (spec.strip().lower() == "ray" or spec.strip().lower().startswith("ray:")):
+        return ray_cluster(spec.strip())
     if spec is not None:
         return parse(spec)
     hw = _from_nvml()
@@ -364,3 +384,20 @@ def gpus(spec: str | Hardware | None = None) -> Hardware:
     why = hw.message if hw is not None else "NVML is not available (no NVIDIA driver)"
     return Hardware([], "none", f"No GPU found on this machine: {why}. Plan for a virtual box instead, "
                                 "e.g. vlmlab.gpus('2x24GiB'), or run on CPU workers with '2xcpu'.")
+
+
+# ---- a Ray cluster: vlmlab.cluster connects and lists; the devices become Gpus here ----------------
+
+def ray_cluster(spec: str = "ray") -> Hardware:
+    """The devices of a Ray cluster, node by node (see :func:`vlmlab.cluster.ray_devices`)."""
+    from vlmlab.cluster import ray_devices
+
+    devices, message, address = ray_devices(spec, probe=_node_gpus)
+    return Hardware([Gpu(**d) for d in devices], "ray", message, address)
+
+
+def _node_gpus() -> list[dict]:
+    """Runs on one node (a Ray task): every GPU NVML sees there, whatever CUDA_VISIBLE_DEVICES
+    Ray gave this task."""
+    hw = _from_nvml(visible=None)
+    return [g.to_dict() for g in hw] if hw is not None else []

@@ -121,7 +121,7 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, is
         job = "vlmlab.run.batch:caption_items"
         kwargs = {"prompt": prompt, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "warmup": items[:1]}
     t0, extra = time.perf_counter(), {}
-    if len(p.replicas) > 1 or isolate:
+    if p.runs_in_workers or isolate:
         rows, stats = workers.run_replicas(p, payloads, job, kwargs, load_kwargs={"random_weights": random_weights})
         extra["wall_s"] = time.perf_counter() - t0
         extra["generation"] = rows[0].get("generation") if rows else None

@@ -53,6 +53,12 @@ class Plan:
         return self.workload.max_new_tokens
 
     @property
+    def runs_in_workers(self) -> bool:
+        """Whether a run goes to one worker per replica (several replicas, or the devices of a Ray
+        cluster: the driver runs no model) rather than this process."""
+        return len(self.replicas) > 1 or self.hardware.source == "ray"
+
+    @property
     def ok(self) -> bool:
         return not self.problems
 
@@ -70,7 +76,8 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "strategy": self.strategy, "requested": self.requested, "dtype": self.dtype,
-                "workload": vars(self.workload), "hardware": {"source": self.hardware.source, "devices": self.hardware.to_dicts()},
+                "workload": vars(self.workload), "hardware": {"source": self.hardware.source, "devices": self.hardware.to_dicts(),
+                             "address": self.hardware.address},
                 "replicas": [r.to_dict() for r in self.replicas],
                 "memory": {str(i): b for i, b in self.memory.items()}, "warnings": self.warnings, "problems": self.problems,
                 **({"batch_note": self.batch_note} if self.batch_note else {})}
@@ -89,7 +96,8 @@ class Plan:
             with open(text) as f:
                 text = f.read()
         d = json.loads(text)
-        hw = Hardware([Gpu(**g) for g in d["hardware"]["devices"]], d["hardware"]["source"])
+        hw = Hardware([Gpu(**g) for g in d["hardware"]["devices"]], d["hardware"]["source"],
+                      address=d["hardware"].get("address"))
         replicas = [Replica(r["gpus"], {k: normalise_device(v) for k, v in r["device_map"].items()}) for r in d["replicas"]]
         return cls(d["model"], d["strategy"], d["dtype"], Workload(**d["workload"]), hw, replicas,
                    {int(i): b for i, b in d["memory"].items()}, d["warnings"], d["problems"], d.get("requested"), batch_note=d.get("batch_note"))

@@ -121,6 +121,9 @@ def load(model=None, gpus=None, strategy: str = "single", dtype: str | None = No
         p = make_plan(model, gpus=gpus, strategy=strategy, dtype=dtype, trust_remote_code=trust_remote_code,
                       **plan_kwargs)
     p.validate()
+    if p.hardware.source == "ray":
+        raise ValueError("this plan places the model on a Ray cluster's devices: its replicas load there, one Ray "
+                         "actor each, when you run it: vlmlab.caption(images, model=plan) (or bench / profile)")
     if not 0 <= replica < len(p.replicas):
         raise ValueError(f"replica {replica} does not exist; the plan has {len(p.replicas)}")
     dm = p.replicas[replica].device_map
