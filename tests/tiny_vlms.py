@@ -112,8 +112,9 @@ def _without_video(processor_cls):
             return type(argument)
         return processor_cls.check_argument_for_proper_class(self, argument_name, argument)
 
-    return type(processor_cls.__name__, (processor_cls,), {"check_argument_for_proper_class": check_argument_for_proper_class,
-                                                            "__module__": processor_cls.__module__})
+    methods = {"check_argument_for_proper_class": check_argument_for_proper_class,
+               "__module__": processor_cls.__module__}
+    return type(processor_cls.__name__, (processor_cls,), methods)
 
 
 def _video_stand_in():
@@ -279,7 +280,8 @@ def _internvl():
     tok = tokenizer(None, "<|im_end|>", "<|endoftext|>", specials=["<|im_start|>"], named=named)
     ip = _image_processor("GotOcr2ImageProcessor", size={"height": 32, "width": 32}, crop_to_patches=True,
                           min_patches=1, max_patches=4)
-    proc = _without_video(InternVLProcessor)(ip, tok, _video_stand_in(), image_seq_length=4, chat_template=TEMPLATES["internvl"])
+    proc = _without_video(InternVLProcessor)(ip, tok, _video_stand_in(), image_seq_length=4,
+                                             chat_template=TEMPLATES["internvl"])
 
     def config(ids):
         vision = InternVLVisionConfig(**VISION, image_size=[32, 32], patch_size=[8, 8])
