@@ -110,6 +110,7 @@ def _plain(kind, args) -> dict:
 
     try:
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()  # the peak of this part, not of the parts before it
         t0 = time.perf_counter()
         batch(0, b)  # warm-up: kernels, allocator pools and, for static, the compile
         torch.cuda.synchronize()
