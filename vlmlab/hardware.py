@@ -54,6 +54,8 @@ _UNITS = {"": GiB, "g": GiB, "gib": GiB, "gb": GB, "m": 1024**2, "mib": 1024**2,
           "t": 1024**4, "tib": 1024**4, "tb": 1000**4}
 _UNIT_NAMES = {"": "GiB", "g": "GiB", "gib": "GiB", "gb": "GB", "m": "MiB", "mib": "MiB", "mb": "MB",
                "t": "TiB", "tib": "TiB", "tb": "TB"}
+MAX_DEVICES = 1024  # more than any one plan can use; a typo such as '999999xh100' is refused, not planned for minutes
+MIN_DEVICE_MEMORY = 64 * 1024**2  # below this a "device" is a typo ('2x0.0001GiB', '0.5MiB')
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([a-z]*)$")
 _COUNT = re.compile(r"^(\d+)\s*[x×*]\s*(.+)$")
 
@@ -71,9 +73,9 @@ class Gpu:
     bandwidth: float | None = None  # GB/s, when the card is known
     nvml_index: int | None = None
     uuid: str | None = None
+    bf16_tflops: float | None = None  # dense bf16 tensor-core peak, when the card is known
     node: str | None = None  # the Ray node id, for a cluster's devices
     host: str | None = None  # that node's address
-    bf16_tflops: float | None = None  # dense bf16 tensor-core peak, when the card is known
 
     @property
     def used(self) -> int:
@@ -137,6 +139,8 @@ class Hardware:
     def select(self, indices=None, min_free=None, n=None) -> "Hardware":
         """A subset: by ``indices`` (list of ints), by ``min_free`` (bytes, or a size such as
         "20GiB"), then the ``n`` with the most free memory."""
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"n must be a positive number of devices, got {n!r}")
         chosen = list(self.devices)
         if indices is not None:
             known = {g.index for g in chosen}
@@ -145,7 +149,9 @@ class Hardware:
                 raise ValueError(f"no device with index {missing}; this hardware has indices {sorted(known)}")
             chosen = [g for g in chosen if g.index in set(indices)]
         if min_free is not None:
-            need = parse_size(min_free) if isinstance(min_free, str) else int(min_free)
+            need = parse_size(min_free) if isinstance(min_free, str) else min_free
+            if isinstance(need, bool) or not isinstance(need, (int, float)) or need < 0:
+                raise ValueError(f"min_free must be a size such as '20GiB' or a number of bytes >= 0, got {min_free!r}")
             chosen = [g for g in chosen if g.free >= need]
         if n is not None:
             chosen = sorted(sorted(chosen, key=lambda g: -g.free)[:n], key=lambda g: g.index)
@@ -224,20 +230,21 @@ def parse(spec: str) -> Hardware:
     devices: list[Gpu] = []
     for item in spec.lower().replace(" ", "").split(","):
         if not item:
-            continue
+            raise ValueError(f"{spec!r} has an empty item (two commas in a row, or one at an end); "
+                             "write e.g. 'h100-80gb,rtx3090'")
         m = _COUNT.match(item)
         count, token = (int(m.group(1)), m.group(2)) if m else (1, item)
         if count < 1:
             raise ValueError(f"{item!r}: the count of devices must be at least 1")
-        if token.startswith("cpu"):
+        if len(devices) + count > MAX_DEVICES:
+            raise ValueError(f"{spec!r} asks for {len(devices) + count} devices; vlmlab plans at most {MAX_DEVICES}")
+        if token == "cpu" or token.startswith("cpu:"):
             mem = parse_size(token[4:]) if token.startswith("cpu:") else _cpu_share(count)
-            if mem <= 0:
-                raise ValueError(f"{item!r}: a device needs a memory size above zero, e.g. 'cpu:8GiB'")
+            _check_memory(item, mem, "cpu:8GiB")
             devices += [Gpu(len(devices) + i, "CPU worker", mem, mem, kind="cpu") for i in range(count)]
             continue
         name, mem, bw = _card(token)
-        if mem <= 0:
-            raise ValueError(f"{item!r}: a device needs a memory size above zero, e.g. '24GiB'")
+        _check_memory(item, mem, "24GiB")
         devices += [Gpu(len(devices) + i, name, mem, mem, bandwidth=bw, bf16_tflops=_tflops_of(name) if bw else None)
                     for i in range(count)]
     if not devices:
@@ -248,6 +255,14 @@ def parse(spec: str) -> Hardware:
     for i, g in enumerate(devices):
         g.index = i
     return Hardware(devices, "virtual")
+
+
+def _check_memory(item: str, mem: int, example: str) -> None:
+    if mem <= 0:
+        raise ValueError(f"{item!r}: a device needs a memory size above zero, e.g. {example!r}")
+    if mem < MIN_DEVICE_MEMORY:
+        raise ValueError(f"{item!r}: {mem:,} bytes is too little for a device (at least 64 MiB); "
+                         f"give a size such as {example!r}")
 
 
 def _cpu_share(count: int) -> int:

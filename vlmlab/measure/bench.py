@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from vlmlab.run.fast_generate import even_batches
 
 GiB = 1024**3
+MIN_BATCHES_PER_REPLICA = 4  # fewer, and start-up and the last uneven batch decide the numbers
 
 
 @dataclass
 class BenchResult:
     rows: list = field(default_factory=list)  # one dict per (strategy, batch size)
     plans: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)  # runs too short to mean much, and the like
 
     def to_pandas(self):
         import pandas as pd
@@ -36,7 +38,8 @@ class BenchResult:
         return {"rows": self.rows}
 
     def __repr__(self):
-        return f"BenchResult({len(self.rows)} runs)\n" + self.to_pandas().to_string(index=False)
+        notes = "".join(f"\nnote: {w}" for w in self.warnings)
+        return f"BenchResult({len(self.rows)} runs)\n" + self.to_pandas().to_string(index=False) + notes
 
     def _repr_html_(self):
         import base64
@@ -54,18 +57,22 @@ class BenchResult:
             img = f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'/>"
         except Exception as err:  # noqa: BLE001 - a table without a picture beats no table
             img = f"<p>(no plot: {html.escape(str(err))})</p>"
-        return f"<div class='vlmlab-bench'>{table}{img}</div>"
+        notes = "".join(f"<li>{html.escape(w)}</li>" for w in self.warnings)
+        return f"<div class='vlmlab-bench'>{table}{img}{'<ul>' + notes + '</ul>' if notes else ''}</div>"
 
 
 def bench(model=None, strategies=("single", "replicate"), batch_sizes=None, gpus=None, images=None, n_images=None,
           max_new_tokens: int | None = None, dtype: str | None = None, random_weights: bool = False,
-          prompt: str | None = None, progress: bool = True, isolate: bool = False) -> BenchResult:
+          prompt: str | None = None, progress: bool = True, isolate: bool | None = None) -> BenchResult:
     """Run the same images (default: the bundled samples) under each strategy and batch size.
+
+    ``isolate=True`` runs ``single`` and ``split`` in a worker process too, so this process never
+    holds GPU memory and each run's measured peaks are its own. ``None`` (the default): on CPU
+    devices, or when any strategy runs workers anyway, so every run starts alike in a fresh process
+    (an in-process run on cores that other processes share is not comparable with workers).
 
     ``batch_sizes``: None (or "auto" among them): the planner's batch, the largest that fits with
     headroom (8 on the CPU), evened out over the images so the last batch is not mostly padding.
-    ``isolate=True`` runs ``single`` and ``split`` in a worker process too, so this process never
-    holds GPU memory and each run's measured peaks are its own.
 
     Rows say which generation path ran (``generation``: "static+compile" or "eager", and why) and
     the compile cost (``compile_s``: the first call of each shape); with ``random_weights`` and one
@@ -86,6 +93,8 @@ def bench(model=None, strategies=("single", "replicate"), batch_sizes=None, gpus
 
         items = collect(images if images is not None else _samples())
         n = len(items)
+    if isolate is None:
+        isolate = hw.is_cpu or any(s in ("replicate", "hybrid", "auto") for s in strategies)
     result = BenchResult()
     runs = [(s, b) for s in strategies for b in (batch_sizes or ("auto",))]
     bar = tqdm(runs, desc="bench", disable=not progress)
@@ -99,6 +108,13 @@ def bench(model=None, strategies=("single", "replicate"), batch_sizes=None, gpus
         if p.batch_note:
             row["batch_note"] = p.batch_note
         result.rows.append(row)
+        batch_size = size
+        batches = -(-n // batch_size)
+        if batches < MIN_BATCHES_PER_REPLICA * len(p.replicas):
+            result.warnings.append(
+                f"{p.strategy} at batch {batch_size}: {n} images make {batches} batch(es) for {len(p.replicas)} "
+                f"replica(s), too short to mean much (start-up and the last batch dominate); use at least "
+                f"{MIN_BATCHES_PER_REPLICA * len(p.replicas) * batch_size} images")
     return result
 
 
@@ -151,6 +167,7 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, is
            "p50_ms": float(np.percentile(lat, 50)) if lat else float("nan"),
            "p95_ms": float(np.percentile(lat, 95)) if lat else float("nan"),
            "errors": sum(1 for r in rows if r.get("error")), "died": len(stats.died),
+           "in_worker": p.runs_in_workers or isolate,
            "steady_images_per_s": sum(stats.worker_rows[w] / stats.worker_s[w] for w in stats.worker_s if stats.worker_s[w]),
            "load_s": max(stats.load_s.values(), default=float("nan")),
            "batches_per_worker": ",".join(str(stats.batches[w]) for w in sorted(stats.batches))}

@@ -14,6 +14,9 @@ from vlmlab.hardware import Gpu, Hardware, fmt_bytes
 from vlmlab.model.memory import Workload
 
 
+STRATEGIES = ("auto", "single", "split", "replicate", "hybrid")  # what plan() places by; a loaded plan may also be "custom"
+
+
 @dataclass
 class Replica:
     gpus: list[int]
@@ -70,6 +73,9 @@ class Plan:
         return {i: self.hardware.by_index(i).free - sum(b.values()) for i, b in self.memory.items()}
 
     def validate(self) -> "Plan":
+        if getattr(self, "_unchecked", False):  # read from JSON: the stored problems may be stale
+            self.problems = self._recheck()
+            self._unchecked = False
         if self.problems:
             raise DeviceMapError(self.problems)
         return self
@@ -91,16 +97,59 @@ class Plan:
 
     @classmethod
     def from_json(cls, text_or_path) -> "Plan":
+        """Read a saved plan. The file may have been edited since it was saved: fields that make no plan
+        raise ValueError here; the device maps are checked against the model again by :meth:`validate`
+        (which ``load`` and ``caption`` call), so a map that would fail to load is refused first."""
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
             with open(text) as f:
                 text = f.read()
         d = json.loads(text)
+        where = "" if str(text_or_path).lstrip().startswith("{") else f" in {text_or_path}"
+        try:
+            plan = cls._from_dict(d)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"not a saved vlmlab plan{where}: {type(err).__name__}: {err}") from None
+        plan._unchecked = True  # checked against the model by validate(), which load() and caption() call
+        return plan
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> "Plan":
+        from vlmlab.model.memory import canonical_dtype
+
+        if d["strategy"] not in (*STRATEGIES, "custom"):
+            raise ValueError(f"unknown strategy {d['strategy']!r}; a plan's strategy is one of "
+                             f"{', '.join(STRATEGIES)} or custom")
+        work = Workload(**d["workload"])
+        for label in ("batch_size", "max_new_tokens", "prompt_tokens", "images_per_prompt"):
+            value = getattr(work, label)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"the plan's {label} must be a positive integer, got {value!r}")
+        if not d["replicas"]:
+            raise ValueError("the plan has no replica: it places the model nowhere")
+        if not d["hardware"]["devices"]:
+            raise ValueError("the plan has no device in its hardware")
         hw = Hardware([Gpu(**g) for g in d["hardware"]["devices"]], d["hardware"]["source"],
                       address=d["hardware"].get("address"))
-        replicas = [Replica(r["gpus"], {k: normalise_device(v) for k, v in r["device_map"].items()}) for r in d["replicas"]]
-        return cls(d["model"], d["strategy"], d["dtype"], Workload(**d["workload"]), hw, replicas,
-                   {int(i): b for i, b in d["memory"].items()}, d["warnings"], d["problems"], d.get("requested"), batch_note=d.get("batch_note"))
+        replicas = [Replica(list(r["gpus"]), dict(r["device_map"])) for r in d["replicas"]]
+        return cls(d["model"], d["strategy"], canonical_dtype(d["dtype"]), work, hw, replicas,
+                   {int(i): b for i, b in d["memory"].items()}, list(d["warnings"]), list(d["problems"]),
+                   d.get("requested"), batch_note=d.get("batch_note"))
+
+    def _recheck(self) -> list[str]:
+        """The problems of every replica's device map, checked against the model and the devices (its
+        warnings join the plan's)."""
+        spec = self._spec()
+        devices = {g.index: g for g in self.hardware}
+        problems = []
+        for i, r in enumerate(self.replicas):
+            _, found, warned = check(spec, r.device_map, devices, self.workload, self.dtype)
+            if not found:
+                r.device_map = {k: normalise_device(v) for k, v in r.device_map.items()}
+            prefix = f"replica {i}: " if len(self.replicas) > 1 else ""
+            problems += [prefix + p for p in found]
+            self.warnings = list(dict.fromkeys(self.warnings + [prefix + w for w in warned]))
+        return problems
 
     def to_pandas(self):
         """Predicted bytes per device (rows) and component (columns), with capacity and total."""
@@ -165,7 +214,9 @@ class Plan:
             prefix = f"replica {r_i}: " if len(self.replicas) > 1 else ""
             run = None  # [first layer, last layer, where]
             for key, dev in r.device_map.items():
-                where = f"GPU{dev}" if isinstance(dev, int) else str(dev)
+                where = self._label(dev) if isinstance(dev, int) else str(dev)
+                if dev == "cpu" and self.hardware.is_cpu and len(r.gpus) == 1:
+                    where = self._label(r.gpus[0])  # which CPU worker slot
                 idx = _layer_index(key)
                 if idx is not None and run and run[2] == where and run[1] == idx - 1:
                     run[1] = idx
@@ -182,7 +233,7 @@ class Plan:
         return rows
 
     def __repr__(self):
-        mem = ", ".join(f"GPU{i}: {fmt_bytes(t)}" for i, t in self.predicted().items())
+        mem = ", ".join(f"{self._label(i)}: {fmt_bytes(t)}" for i, t in self.predicted().items())
         return (f"Plan({self.model}, {self.strategy}, {self.dtype}, batch {self.batch_size}, "
                 f"{len(self.replicas)} replica(s), predicted {mem}{', PROBLEMS' if self.problems else ''})")
 
@@ -199,7 +250,7 @@ class Plan:
         notes = "".join(f"<li style='color:#c44e52'>{esc(p)}</li>" for p in self.problems)
         notes += "".join(f"<li>{esc(w)}</li>" for w in self.warnings)
         notes += f"<li>{esc(self.batch_note)}</li>" if self.batch_note else ""
-        groups = "; ".join(", ".join(f"GPU{g}" for g in r.gpus) for r in self.replicas)
+        groups = "; ".join(", ".join(self._label(g) for g in r.gpus) for r in self.replicas)
         return (f"<div class='vlmlab-plan'><b>{esc(self.model)}</b> — strategy <b>{self.strategy}</b>, {self.dtype}, "
                 f"batch {self.batch_size}, {self.max_new_tokens} new tokens; replicas: {groups}"
                 f"<div style='display:flex;gap:1em;align-items:flex-start'>"
@@ -207,6 +258,10 @@ class Plan:
                 f"<div><table><tr><th>device</th><th>predicted peak</th><th>available</th><th>breakdown</th></tr>"
                 f"{''.join(mem_rows)}</table>{self._img_tag()}</div></div>"
                 f"{'<ul>' + notes + '</ul>' if notes else ''}</div>")
+
+    def _label(self, index) -> str:
+        device = self.hardware.by_index(index)
+        return device.label if device is not None else f"GPU{index}"
 
     def _img_tag(self):
         from vlmlab.figures import png_html

@@ -17,10 +17,9 @@ import dataclasses
 from vlmlab.plan.devicemap import DeviceMapError, check, describe
 from vlmlab.hardware import Hardware, fmt_bytes, gpus as get_gpus
 from vlmlab.model.memory import DTYPES, DeviceLoad, Workload, canonical_dtype
-from vlmlab.plan.plan import Plan, Replica
+from vlmlab.plan.plan import STRATEGIES, Plan, Replica
 from vlmlab.model.spec import ModelSpec, spec as get_spec
 
-STRATEGIES = ("auto", "single", "split", "replicate", "hybrid")
 #: batch_size="auto": the share of each device's free memory the chosen batch leaves unused, for
 #: what the memory model misses and for the allocator's fragmentation
 AUTO_HEADROOM = 0.10

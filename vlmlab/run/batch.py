@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 from vlmlab.run.images import ImageError, ImageItem, open_image
 from vlmlab.run.prompts import caption_inputs, tokenizer_of
-from vlmlab.run.target import ModelTarget
+from vlmlab.run.target import ModelTarget, random_copy_message
 
 #: error_kind values beyond images.ERROR_KINDS
 RUN_ERROR_KINDS = {
     "oom": "out of memory even with one image per batch",
     "failed": "the model or processor raised an error on this image alone",
+    "crashed": "the worker process died (or stopped answering) twice on this image alone",
 }
 
 
@@ -31,8 +32,7 @@ def caption_batch(loaded_model, images: list, prompt: str | None, max_new_tokens
     lm = loaded_model
     processor = lm.processor
     if processor is None:
-        raise ValueError(f"{lm.name} has no processor (loaded with random_weights=True?): it cannot caption "
-                         f"images. Load it with its weights, e.g. vlmlab.load({lm.name!r}).")
+        raise ValueError(random_copy_message(lm))
     if prompt is None or max_new_tokens is None:
         target = ModelTarget(lm, None, None)
         prompt = target.default_prompt() if prompt is None else prompt
@@ -115,6 +115,7 @@ def caption_opened(lm, opened, prompt, max_new_tokens, state) -> list[dict]:
         else:
             good.append((i, it, x))
     device = _device_label(lm) if lm is not None else None
+    replica = getattr(lm, "replica", None)
     pos, size = 0, max(1, min(state.limit, len(good) or 1))
     while pos < len(good):
         group = good[pos:pos + size]
@@ -129,7 +130,7 @@ def caption_opened(lm, opened, prompt, max_new_tokens, state) -> list[dict]:
             state.succeeded = True
             for (i, it, _), o in zip(group, outs):
                 rows[i] = _row(it.key, caption=o["caption"], n_tokens=o["n_tokens"], latency_ms=round(ms, 2),
-                               batch_size=len(group), device=device)
+                               batch_size=len(group), device=device, replica=replica)
             pos += len(group)
             continue
         oom, message, err = failure
@@ -145,7 +146,7 @@ def caption_opened(lm, opened, prompt, max_new_tokens, state) -> list[dict]:
             rows[i] = _row(it.key, error=f"{it.key}: out of memory even with one image per batch ({message}). "
                                          f"Use a smaller max_new_tokens, a lower-precision dtype, or a plan with "
                                          f"more memory (strategy='split').", error_kind="oom", batch_size=1,
-                           device=device)
+                           device=device, replica=replica)
             pos += 1
             continue
         if len(group) > 1:  # find the image(s) the model fails on: one at a time
@@ -163,15 +164,22 @@ def caption_opened(lm, opened, prompt, max_new_tokens, state) -> list[dict]:
             raise err
         i, it, _ = group[0]
         rows[i] = _row(it.key, error=f"{it.key}: the model failed on this image ({message}).", error_kind="failed",
-                       batch_size=1, device=device)
+                       batch_size=1, device=device, replica=replica)
         pos += 1
     return [rows[i] for i in range(len(opened))]
 
 
 def _row(key, caption=None, error=None, error_kind=None, n_tokens=0, latency_ms=None, batch_size=None,
-         device=None) -> dict:
+         device=None, replica=None) -> dict:
     return {"image": key, "caption": caption, "error": error, "error_kind": error_kind, "n_tokens": n_tokens,
-            "latency_ms": latency_ms, "batch_size": batch_size, "device": device}
+            "latency_ms": latency_ms, "batch_size": batch_size, "device": device, "replica": replica}
+
+
+def crashed_rows(items, reason) -> list[dict]:
+    """Error rows for images on which a worker process died twice (``run_replicas``' ``isolate``)."""
+    return [_row(it.key, error=f"{it.key}: the worker process captioning it died twice ({reason}); the image was "
+                 "set aside so the others could finish. Check it (a decoder crash?) or caption it alone.",
+                 error_kind="crashed", batch_size=1) for it in items]
 
 
 def _until_stop(ids, stop) -> list[int]:

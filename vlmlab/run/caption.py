@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
-from vlmlab.run.batch import BatchState, caption_opened, open_all
+from vlmlab.run.batch import BatchState, caption_opened, crashed_rows, open_all
 from vlmlab.run.images import ImageError, collect
 from vlmlab.run.journal import JournalMismatchError, journal_row, open_caption_journal  # noqa: F401  re-exported
 from vlmlab.run.results import CaptionResult
@@ -74,6 +74,7 @@ def caption(images, model=None, prompt: str | None = None, batch_size: int = 8, 
         prompt = target.default_prompt()
     if max_new_tokens is None:
         max_new_tokens = target.default_max_new_tokens()
+    target.check_context(prompt, max_new_tokens)
 
     journal, done = open_caption_journal(out, resume, target.name, prompt)
     todo = [it for it in items if it.key not in done]
@@ -95,8 +96,11 @@ def caption(images, model=None, prompt: str | None = None, batch_size: int = 8, 
 
     try:
         if todo and target.replicas:
-            result.oom_retries, result.profile = _run_replicas(target.plan, todo, prompt, max_new_tokens, batch_size,
-                                                               sink, profile)
+            def phase(text):  # what the workers are doing while they start
+                bar.set_description_str(f"caption {_short_name(target.name)}" + (f": {text}" if text else ""))
+
+            result.oom_retries, result.profile, result.warnings = _run_replicas(
+                target.plan, todo, prompt, max_new_tokens, batch_size, sink, profile, phase)
         elif todo:
             result.profile = _run_local(target, todo, prompt, max_new_tokens, batch_size, sink, state, profile,
                                         note=lambda text: bar.set_postfix_str(text, refresh=True))
@@ -117,6 +121,8 @@ def caption(images, model=None, prompt: str | None = None, batch_size: int = 8, 
     result.rows = [by_key.get(it.key) or done[it.key] for it in items]
     result.prompt_text = target.prompt_text(prompt)
     result.elapsed_s = time.perf_counter() - t_start
+    for warning in result.warnings:  # a worker that died or hung is said on screen, not only in the result
+        print(f"vlmlab.caption: {warning}", file=sys.stderr)
     return result
 
 
@@ -155,15 +161,16 @@ def _short_name(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------- replicated runs
-def _run_replicas(plan, todo, prompt, max_new_tokens, batch_size, sink, profile) -> tuple[int, object]:
+def _run_replicas(plan, todo, prompt, max_new_tokens, batch_size, sink, profile, on_phase=None):
     """Run on one worker process per replica; returns (how many batches ran smaller than asked,
-    the merged Profile of the workers or None)."""
+    the merged Profile of the workers or None, one line per worker that died or stopped answering)."""
     from vlmlab.run import workers  # spawns processes: imported only for plans with several replicas
 
-    payloads = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    step = min(batch_size, -(-len(todo) // len(plan.replicas)))  # too few images for full batches: every replica gets some
+    payloads = [todo[i:i + step] for i in range(0, len(todo), step)]
     rows, stats = workers.run_replicas(plan, payloads, "vlmlab.run.batch:caption_items",
                                        {"prompt": prompt, "max_new_tokens": max_new_tokens, "batch_size": batch_size},
-                                       on_rows=sink, profile=profile)
+                                       on_rows=sink, profile=profile, isolate=crashed_rows, on_phase=on_phase)
     # the retry count stays in the workers; their rows say which batches had to shrink
     by_key = {r["image"]: r for r in rows}
     smaller = 0
@@ -171,4 +178,4 @@ def _run_replicas(plan, todo, prompt, max_new_tokens, batch_size, sink, profile)
         good = [by_key[it.key] for it in p if it.key in by_key and not by_key[it.key]["error"]]
         smaller += any(r["batch_size"] < len(good) for r in good) or any(
             by_key.get(it.key, {}).get("error_kind") == "oom" for it in p)
-    return smaller, stats.profile()
+    return smaller, stats.profile(), list(stats.notices)

@@ -9,6 +9,12 @@ batch goes back to the queue for the survivors); the first result of a batch is 
 so every batch counts exactly once; ``on_rows`` (journal, progress bar) runs in the parent once
 per finished batch; Ctrl-C stops every worker and keeps what is done.
 
+Nothing hangs and no input takes the run down: a batch that runs far longer than any finished one
+(``hang_limit``) has its worker killed, as a stopped or deadlocked process never answers; a worker
+that died or was killed holding a batch is started again (where the transport can); a batch on
+which workers died twice is split into single items, and a single item on which they died twice
+is set aside: ``isolate(payload, reason)`` gives its rows (an error row per image).
+
 A *job* is ``"module:function"`` called in the worker as ``function(loaded_model, payload, **kwargs)``
 and returning a list of row dicts; ``vlmlab.run.batch:caption_items`` captions images and
 ``vlmlab.run.dry_run:synthetic_batch`` runs caption-shaped generates on random-weight models.
@@ -16,11 +22,15 @@ and returning a list of row dicts; ``vlmlab.run.batch:caption_items`` captions i
 from __future__ import annotations
 
 import importlib
+import os
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 POLL_S = 0.2
+DEATHS_PER_BATCH = 2  # a batch on which workers died this often is split (a single item: set aside)
+HANG_FACTOR = 10  # a batch running this many times longer than the slowest finished one is hung ...
+HANG_MIN_S = 60.0  # ... and at least this long (env VLMLAB_HANG_MIN_S); before any batch finished: 10x this
 
 
 class WorkerError(RuntimeError):
@@ -46,6 +56,9 @@ class RunStats:
     worker_rows: dict = field(default_factory=dict)  # worker -> rows it returned
     go_at: float | None = None  # time.perf_counter() of the go signal
     warnings: list = field(default_factory=list)
+    notices: list = field(default_factory=list)  # one line per worker that died or hung, for the user
+    restarts: int = 0  # workers started again after dying with a batch
+    isolated: int = 0  # single items set aside after workers died on them twice
 
     def profile(self):
         """The workers' profiles as one :class:`~vlmlab.Profile` (None without profile=True)."""
@@ -68,7 +81,7 @@ class ReplicaJob:
     cores (``affinity.pin_worker``) with as many threads. With ``profile``, a Profiler covers
     everything after the warm-up."""
 
-    def __init__(self, plan, wid, job, job_kwargs, load_kwargs, profile=False, threads=None):
+    def __init__(self, plan, wid, job, job_kwargs, load_kwargs, profile=False, threads=None, phase=None):
         import torch
 
         from vlmlab.run.affinity import pin_worker
@@ -89,6 +102,8 @@ class ReplicaJob:
         self.fn, self.kwargs = resolve(job), dict(job_kwargs or {})
         warmup = self.kwargs.pop("warmup", None)
         if warmup is not None:  # load kernels and allocator pools before the clock starts
+            if phase is not None:
+                phase("warming up")
             self.fn(self.lm, warmup, **self.kwargs)
         self.prof = None
         if profile:
@@ -137,12 +152,21 @@ class Dispatcher:
     """The parent's queue of batches and its bookkeeping. A transport subclass implements
     ``start()``, ``send(wid, task)`` (``task``: (batch id, payload), or None: finish),
     ``poll(timeout)`` (feeds the workers' messages to ``handle`` and their deaths to ``lost``;
-    False when nothing happened) and ``stop(finished)``; :func:`drive` runs the loop."""
+    False when nothing happened) and ``stop(finished)``; optionally ``kill(wid)`` (then hung workers
+    are killed) and ``restart(wid)`` (then a worker that died with a batch is started again);
+    :func:`drive` runs the loop. ``isolate`` and ``on_phase``: see :func:`vlmlab.run.workers.run_replicas`."""
 
     def __init__(self, n_workers, payloads, on_rows=None):
-        self.payloads, self.pending = payloads, deque(range(len(payloads)))
+        self.payloads, self.pending = list(payloads), deque(range(len(payloads)))
         self.live, self.inflight, self.done, self.idle = set(range(n_workers)), {}, set(), set()
         self.stats, self.rows, self.on_rows = RunStats(workers=n_workers), [], on_rows
+        self.isolate = self.on_phase = None
+        self.deaths = Counter()  # batch -> workers that died holding it
+        self.sent_at, self.durations, self.phases = {}, [], {w: "starting" for w in range(n_workers)}
+        self.failures_in_a_row = 0  # deaths since a batch last finished: restarts stop past a limit
+
+    def remaining(self) -> bool:
+        return bool(self.pending or self.inflight)
 
     def give(self, wid):
         """Send ``wid`` its next batch; with none left while others still work, park it (a batch
@@ -154,29 +178,97 @@ class Dispatcher:
         self.idle.discard(wid)
         if task is not None:
             self.inflight[wid] = task
+            self.sent_at[wid] = time.perf_counter()
+            self.phases[wid] = "working"
         self.send(wid, None if task is None else (task, self.payloads[task]))
 
     def lost(self, wid, reason):
         if wid not in self.live:
             return
         self.live.discard(wid)
-        self.stats.died.setdefault(wid, reason)
+        self.stats.died[wid] = reason
         task = self.inflight.pop(wid, None)
+        what = "stopped answering" if reason.startswith("not responding") else "died"
         if task is not None and task not in self.done:
-            self.pending.appendleft(task)
-            self.stats.requeued += 1
-        self.stats.warnings.append(f"replica {wid} died ({self.stats.died[wid]}); "
-                                   f"{'its batch went back to the queue' if task is not None else 'it held no batch'}")
+            self.deaths[task] += 1
+            self.failures_in_a_row += 1
+            if self.deaths[task] < DEATHS_PER_BATCH:
+                self.pending.appendleft(task)
+                self.stats.requeued += 1
+                fate = "its batch went back to the queue"
+            else:
+                fate = self.set_aside(task, reason)
+        else:
+            fate = "it held no batch"
+        self.stats.warnings.append(f"replica {wid} {what} ({reason}); {fate}")
+        self.stats.notices.append(f"replica {wid} {what} ({reason.strip().splitlines()[-1][:200]}); {fate}")
         self.idle.discard(wid)
         for other in list(self.idle):  # a parked survivor takes the requeued batch (or is told to stop)
             self.give(other)
+        restart = getattr(self, "restart", None)
+        if (restart is not None and task is not None and wid in self.stats.load_s and self.pending
+                and self.failures_in_a_row <= 4 + 2 * self.stats.workers):
+            restart(wid)  # it worked until this batch: start it again for the rest
+            self.live.add(wid)
+            self.phases[wid] = "restarting"
+            self.stats.restarts += 1
+
+    def set_aside(self, task, reason) -> str:
+        """Workers died twice on ``task``: split it into single items, or give its one item up."""
+        self.done.add(task)
+        payload = self.payloads[task]
+        if isinstance(payload, list) and len(payload) > 1:
+            for item in payload:
+                self.payloads.append([item])
+                self.pending.append(len(self.payloads) - 1)
+            return f"workers died twice on its batch of {len(payload)}, now retried one item at a time"
+        rows = self.isolate(payload, reason) if self.isolate is not None else []
+        self.stats.isolated += 1
+        self.rows.extend(rows)
+        if rows and self.on_rows is not None:
+            self.on_rows(rows)
+        return "workers died twice on its one item, which was set aside" + ("" if rows else " without a row")
+
+    def hang_limit(self) -> float:
+        """Seconds after which a batch counts as hung: far longer than any batch that finished."""
+        floor = float(os.environ.get("VLMLAB_HANG_MIN_S", HANG_MIN_S))
+        return max(floor, HANG_FACTOR * max(self.durations)) if self.durations else HANG_FACTOR * floor
+
+    def check_hung(self):
+        """Kill a worker whose batch has run past :meth:`hang_limit`; its batch goes back to the queue
+        as a dead worker's does."""
+        kill = getattr(self, "kill", None)
+        if kill is None:
+            return
+        limit, now = self.hang_limit(), time.perf_counter()
+        for wid in list(self.inflight):
+            ran = now - self.sent_at.get(wid, now)
+            if ran > limit and wid in self.live:
+                kill(wid)
+                self.lost(wid, f"not responding: its batch ran {ran:.0f} s, over the {limit:.0f} s limit "
+                               f"({HANG_FACTOR}x the slowest finished batch)")
+
+    def report_phase(self):
+        if self.on_phase is not None and self.stats.go_at is None:
+            counts = Counter(self.phases.get(w, "starting") for w in self.live)
+            self.on_phase(", ".join(f"{n} {phase}" for phase, n in sorted(counts.items())))
 
     def handle(self, wid, msg):
         kind = msg[0]
-        if kind == "ready":
+        if kind == "phase":
+            self.phases[wid] = msg[1]
+            self.report_phase()
+        elif kind == "ready":
             self.stats.load_s[wid] = msg[1]
+            self.phases[wid] = "ready"
+            self.report_phase()
+            if self.stats.go_at is not None:  # started again after the go signal: straight to work
+                self.give(wid)
         elif kind == "done":
             self.inflight.pop(wid, None)
+            self.failures_in_a_row = 0
+            if wid in self.sent_at:
+                self.durations.append(time.perf_counter() - self.sent_at.pop(wid))
             if msg[1] not in self.done:
                 self.done.add(msg[1])
                 self.stats.batches[wid] = self.stats.batches.get(wid, 0) + 1
@@ -199,22 +291,27 @@ class Dispatcher:
         elif kind == "error":
             self.stats.died[wid] = msg[1].strip().splitlines()[-1]
             self.stats.warnings.append(f"replica {wid} failed:\n{msg[1]}")
+            self.stats.notices.append(f"replica {wid} failed: {self.stats.died[wid][:200]}")
 
 
 def drive(pool: Dispatcher, start_timeout: float = 600.0) -> tuple[list, RunStats]:
     """Run ``pool`` until every payload is done: start the workers, say go once every survivor has
     loaded, hand out batches, then collect the workers' closing reports. Ctrl-C stops the workers
     and re-raises; the finished batches have gone to ``on_rows`` already."""
-    n, t0, t_go = len(pool.payloads), time.perf_counter(), None
+    t0, t_go = time.perf_counter(), None
     pool.start()
+    pool.report_phase()
     try:
-        while len(pool.done) < n:
+        while pool.remaining():
             pool.poll(POLL_S)
-            if not pool.live and len(pool.done) < n:
+            pool.check_hung()
+            if not pool.live and pool.remaining():
                 raise WorkerError("every worker died: " + "; ".join(
                     f"replica {w}: {r}" for w, r in pool.stats.died.items()), pool.rows)
             if t_go is None and pool.live <= set(pool.stats.load_s):  # all survivors loaded: go
                 t_go = pool.stats.go_at = time.perf_counter()
+                if pool.on_phase is not None:
+                    pool.on_phase("")
                 for wid in sorted(pool.live):
                     pool.give(wid)
             if t_go is None and time.perf_counter() - t0 > start_timeout:
@@ -227,6 +324,6 @@ def drive(pool: Dispatcher, start_timeout: float = 600.0) -> tuple[list, RunStat
         pool.stats.warnings.append("interrupted: workers stopped, finished batches kept")
         raise
     finally:
-        pool.stop(len(pool.done) == n)
+        pool.stop(not pool.remaining())
         pool.stats.wall_s = time.perf_counter() - t0
     return pool.rows, pool.stats

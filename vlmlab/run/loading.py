@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import html
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vlmlab.hardware import fmt_bytes
@@ -223,7 +224,8 @@ def _pretrained(ms, dm, dtype, trust_remote_code, allow_pickle):
     if q is not None:
         kwargs["quantization_config"] = q
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+        with _no_transformers_bars():  # vlmlab shows one progress bar per run, not one per loaded file
+            model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
         processor = load_processor(source, trust_remote_code=trust_remote_code)  # images need no torchvision
     except OSError as err:
         pickles = _pickle_files(ms.path) if ms.path and not allow_pickle else []
@@ -237,6 +239,19 @@ def _pretrained(ms, dm, dtype, trust_remote_code, allow_pickle):
                           f"to build {ms.name} with random weights.") from None
         raise
     return model, processor
+
+
+@contextmanager
+def _no_transformers_bars():
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _pickle_files(folder) -> list[str]:
@@ -271,7 +286,7 @@ def _random(ms, dm, dtype):
 def _materialise(model, key, device, dtype, gen):
     import torch
 
-    root = model.get_submodule(key) if key and _is_module(model, key) else None
+    root = model if key == "" else model.get_submodule(key) if _is_module(model, key) else None
     if root is None:  # a parameter named directly, e.g. BLIP-2's query_tokens
         parent_name, _, attr = key.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -7,13 +7,20 @@ survive a fork, and the notebook kernel must not initialise CUDA before spawning
 This module is the process transport of :mod:`vlmlab.run.dispatch` (the queue of batches, re-queuing
 a dead worker's batch, Ctrl-C, the replica's own loop live there); a plan made for a Ray cluster
 runs on its other transport, :mod:`vlmlab.run.ray_backend`. :func:`run_replicas` picks one.
+
+Workers start without the parent's ``__main__``: spawn would otherwise re-run the user's script in
+every worker, which fails for ``python - <<EOF`` ('<stdin>') and, in a script without an
+``if __name__ == "__main__"`` guard, starts workers from the workers.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import signal
+import sys
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from multiprocessing.connection import wait
 
 from vlmlab.run.dispatch import Dispatcher, ReplicaJob, RunStats, WorkerError, drive, peaks, resolve  # noqa: F401
@@ -23,9 +30,11 @@ def _worker(wid, plan_json, job, job_kwargs, load_kwargs, conn, profile=False):
     """Load replica ``wid``, then ask the parent for batches until it sends None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     try:
+        conn.send(("phase", "loading"))
         from vlmlab.plan.plan import Plan
 
-        replica = ReplicaJob(Plan.from_json(plan_json), wid, job, job_kwargs, load_kwargs, profile)
+        replica = ReplicaJob(Plan.from_json(plan_json), wid, job, job_kwargs, load_kwargs, profile,
+                             phase=lambda text: conn.send(("phase", text)))
         conn.send(("ready", replica.load_s))
         while (task := conn.recv()) is not None:
             task_id, payload = task
@@ -44,19 +53,35 @@ class _Pool(Dispatcher):
 
     def __init__(self, plan, payloads, job, job_kwargs, load_kwargs, on_rows=None, profile=False):
         super().__init__(len(plan.replicas), payloads, on_rows)
-        ctx = mp.get_context("spawn")
+        self.ctx = mp.get_context("spawn")
         self.conns, self.procs = {}, {}
-        plan_json = plan.to_json(indent=None)
+        self.worker_args = (plan.to_json(indent=None), job, dict(job_kwargs or {}), load_kwargs or {}, profile)
         for wid in range(len(plan.replicas)):
-            parent, child = ctx.Pipe()
-            self.conns[wid] = parent
-            self.procs[wid] = ctx.Process(target=_worker, name=f"vlmlab-replica-{wid}", daemon=True,
-                                          args=(wid, plan_json, job, dict(job_kwargs or {}), load_kwargs or {}, child,
-                                                profile))
+            self._new_process(wid)
+
+    def _new_process(self, wid):
+        plan_json, job, job_kwargs, load_kwargs, profile = self.worker_args
+        parent, child = self.ctx.Pipe()
+        self.conns[wid] = parent
+        self.procs[wid] = self.ctx.Process(target=_worker, name=f"vlmlab-replica-{wid}", daemon=True,
+                                           args=(wid, plan_json, job, dict(job_kwargs), load_kwargs, child, profile))
 
     def start(self):
         for p in self.procs.values():
-            p.start()
+            with _without_main_module():
+                p.start()
+
+    def restart(self, wid):
+        self.procs[wid].join(timeout=1)
+        self._new_process(wid)
+        with _without_main_module():
+            self.procs[wid].start()
+
+    def kill(self, wid):
+        proc = self.procs[wid]
+        if proc.is_alive():
+            proc.kill()  # SIGKILL ends a stopped (SIGSTOP) process too
+            proc.join(timeout=5)
 
     def send(self, wid, task):
         try:
@@ -67,18 +92,20 @@ class _Pool(Dispatcher):
     def poll(self, timeout):
         by_conn = {self.conns[w]: w for w in self.live}
         by_sentinel = {self.procs[w].sentinel: w for w in self.live}
+        procs = dict(self.procs)  # a worker restarted below may reuse a closed sentinel's number
         ready = wait(list(by_conn) + list(by_sentinel), timeout=timeout)
         for r in ready:
-            if r in by_conn and by_conn[r] in self.live:
+            if r in by_conn and by_conn[r] in self.live and self.conns[by_conn[r]] is r:  # not since restarted
                 wid = by_conn[r]
                 try:
-                    while wid in self.live and self.conns[wid].poll():
-                        self.handle(wid, self.conns[wid].recv())
+                    while wid in self.live and self.conns[wid] is r and r.poll():
+                        self.handle(wid, r.recv())
                 except (EOFError, OSError):
+                    self.procs[wid].join(timeout=1)
                     self.lost(wid, f"exited with code {self.procs[wid].exitcode}")
         for r in ready:
             wid = by_sentinel.get(r)
-            if wid is not None and wid in self.live:
+            if wid is not None and wid in self.live and self.procs[wid] is procs[wid]:
                 self.procs[wid].join(timeout=1)
                 self.lost(wid, f"exited with code {self.procs[wid].exitcode}")
         return bool(ready)
@@ -87,26 +114,63 @@ class _Pool(Dispatcher):
         for p in self.procs.values():
             p.join(timeout=5 if finished else 0)
             if p.is_alive():
-                p.terminate()
+                p.kill() if _is_stopped(p.pid) else p.terminate()
                 p.join(timeout=5)
+
+
+_MAIN_LOCK = threading.Lock()
+
+
+@contextmanager
+def _without_main_module():
+    """Start a spawned process without telling it about ``__main__``. Spawn re-imports the parent's
+    main module (by path or module name) so that functions pickled from it resolve; the workers need
+    nothing from it (their function and jobs live in importable modules), and re-running the user's
+    script is exactly what breaks ``python -`` and scripts without a ``__main__`` guard."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    with _MAIN_LOCK:
+        saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+        main.__dict__.pop("__file__", None)
+        main.__spec__ = None
+        try:
+            yield
+        finally:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
+
+
+def _is_stopped(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def run_replicas(plan, payloads: list, job: str, job_kwargs: dict | None = None, on_rows=None,
                  load_kwargs: dict | None = None, start_timeout: float = 600.0,
-                 profile: bool = False) -> tuple[list, RunStats]:
+                 profile: bool = False, isolate=None, on_phase=None) -> tuple[list, RunStats]:
     """Run ``job`` over ``payloads`` (one batch each) on one worker per replica of ``plan``: a
     spawned process on this host, or, for a plan made for a Ray cluster (``gpus("ray")``), a Ray
     actor on its node.
 
     ``on_rows(rows)`` is called in this process as each batch finishes (journal, progress bar).
     ``profile``: every worker profiles its replica; ``stats.profile()`` merges them.
+    ``isolate(payload, reason)``: the rows for a one-item payload on which workers died twice (list
+    payloads are split into one-item lists first); without it such an item is dropped and counted in
+    ``stats.isolated``. ``on_phase(text)``: what the workers do while they start ("1 loading, 1 ready").
     Returns (rows in completion order, RunStats).
     """
     if plan.hardware.source == "ray":
         from vlmlab.run.ray_backend import RayPool as transport
     else:
         transport = _Pool
-    return drive(transport(plan, payloads, job, job_kwargs, load_kwargs, on_rows, profile), start_timeout)
+    pool = transport(plan, payloads, job, job_kwargs, load_kwargs, on_rows, profile)
+    pool.isolate, pool.on_phase = isolate, on_phase
+    return drive(pool, start_timeout)
 
 
 def run_in_process(lm, payloads: list, job: str, job_kwargs: dict | None = None, on_rows=None) -> tuple[list, RunStats]:
