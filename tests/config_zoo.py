@@ -102,7 +102,14 @@ def check(model_type: str, small: bool = True, gpus: str = "2x80GiB") -> dict:
     except Exception as err:  # noqa: BLE001
         name = type(err).__name__
         outcome = "refused" if name in OUR_REFUSALS else "crash"
-        return {**row, "outcome": outcome, "message": f"{name}: {str(err)[:300]}"}
+        row = {**row, "outcome": outcome, "message": f"{name}: {str(err)[:300]}"}
+        if name == "ImageTokensUnknown":  # does it plan once told, as the message says?
+            try:
+                vlmlab.plan(spec, gpus, strategy="split", image_tokens=256)
+                row["plans_with_image_tokens"] = True
+            except Exception as again:  # noqa: BLE001
+                row["plans_with_image_tokens"] = f"{type(again).__name__}: {str(again)[:200]}"
+        return row
     dm = plan.replicas[0].device_map
     placed = {p: dm[owner_of(p, dm)] for p, *_ in spec.params if owner_of(p, dm) is not None}
     covered = len(placed) == len(spec.params) == len({n for n, _ in spec.modules.named_parameters()})
@@ -115,6 +122,7 @@ def check(model_type: str, small: bool = True, gpus: str = "2x80GiB") -> dict:
     for group in spec.tied:
         devices = {dm[k] for k in (owner_of(n, dm) for n in group) if k is not None}
         tied_ok &= len(devices) <= 1
-    borrowed = not spec.image_tokens_source.startswith(("processor", "config", "override", "given"))
+    borrowed = not spec.image_tokens_source.startswith(("processor", "config", "override", "given",
+                                                         "model image path"))
     return {**row, "outcome": "plan", "devices": len(plan.replicas[0].gpus), "covered": covered,
             "colocated": colocated, "tied_kept": tied_ok, "borrowed": borrowed}

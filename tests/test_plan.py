@@ -85,9 +85,9 @@ def test_repr_html(split):
 
 
 def test_repr_html_shows_problems_in_red(split):
-    bad = split.move("model.vision_tower", to=1)
+    bad = split.move("model.language_model.layers.3.mlp", to=1 - split.device_map["model.language_model.layers.3"])
     html = bad._repr_html_()
-    assert "<li style='color:#c44e52'>co-location broken" in html
+    assert "<li style='color:#c44e52'>&#x27;model.language_model.layers.3&#x27; (LlamaDecoderLayer) is split" in html
 
 
 def test_summary_groups_layer_runs(split):
@@ -102,7 +102,7 @@ def test_summary_groups_layer_runs(split):
 def test_repr(split):
     r = repr(split)
     assert r.startswith("Plan(llava-1.5-7b, split, bfloat16, batch 4, 1 replica(s), predicted GPU0:")
-    assert "PROBLEMS" not in r and "PROBLEMS" in repr(split.move("model.vision_tower", to=1))
+    assert "PROBLEMS" not in r and "PROBLEMS" in repr(split.move("model.language_model.layers.3.mlp", to=1 - split.device_map["model.language_model.layers.3"]))
 
 
 def test_plot_one_bar_per_gpu_and_a_capacity_line(split):
@@ -164,10 +164,15 @@ def test_move_everything_to_one_gpu(split):
     assert list(p.memory) == [0] and p.ok
 
 
-def test_moving_the_vision_tower_alone_breaks_colocation(split):
-    bad = split.move("model.vision_tower", to=1)
+def test_moving_the_vision_tower_alone_costs_a_copy(split):
+    # transformers' LLaVA moves the image features to the embeddings' device itself: a warning, not an error
+    moved = split.move("model.vision_tower", to=1)
+    assert moved.ok and any("vision on GPU1" in w and "moves the image features" in w for w in moved.warnings)
+
+
+def test_a_problem_fails_validation(split):
+    bad = split.move("lm_head", to=7)
     assert not bad.ok
-    assert len(bad.problems) == 1 and "co-location broken: vision on GPU1" in bad.problems[0]
     with pytest.raises(DeviceMapError) as err:
         bad.validate()
     assert err.value.problems == bad.problems

@@ -1,50 +1,60 @@
-"""Caption-shaped inputs for any catalogue model, without a processor or real images.
+"""Caption-shaped inputs for any model that plans, without real images.
 
-A prompt of ``prompt_tokens`` text tokens plus the model's image tokens, and random pixels of the
-vision tower's input size: what ``generate`` sees when captioning, for measuring memory and speed
-of random-weight models before anything is downloaded.
+The family's own processor (the model folder's, or the registered class built locally from the
+config: ``vlmlab.model.image_tokens``) turns a blank image of the plan's size into the prompt's
+image tokens and its pixel inputs (``pixel_values``, ``image_grid_thw``, ``pixel_attention_mask``,
+``aspect_ratio_ids`` ... whatever that processor writes). Random text tokens are added up to
+``prompt_tokens`` and the pixels are drawn at random: what ``generate`` sees when captioning, for
+measuring memory and speed of random-weight models before anything is downloaded.
 """
 from __future__ import annotations
 
+_TEXT_IDS = 10  # text tokens are drawn from [10, vocab - 10), away from the usual special ids
+
 
 def image_token_id(config) -> int:
-    for key in ("image_token_index", "image_token_id"):
-        value = getattr(config, key, None)
-        if value is not None:
-            return int(value)
-    raise ValueError(f"{type(config).__name__} names no image token id")
+    from vlmlab.model.local_processor import _config_id
+
+    value = _config_id(config, "image")
+    if value is None:
+        raise ValueError(f"{type(config).__name__} names no image token id")
+    return int(value)
 
 
-def caption_inputs(spec, batch_size: int = 1, prompt_tokens: int = 16, device="cpu", dtype=None, seed: int = 0) -> dict:
-    """``generate`` keyword arguments for a batch of caption-shaped prompts."""
+def caption_inputs(spec, batch_size: int = 1, prompt_tokens: int = 16, device="cpu", dtype=None, seed: int = 0,
+                   image_size=None) -> dict:
+    """``generate`` keyword arguments for a batch of caption-shaped prompts, one image each, at
+    ``image_size`` (default: the size the spec's image tokens were counted for)."""
     import torch
 
+    from vlmlab.model import image_tokens
+
+    size = image_size or (tuple(spec.dims.image_size) if any(spec.dims.image_size) else None)
+    counted = image_tokens.count(spec.config, size, folder=spec.path)
+    if not counted.prompt_ids:
+        raise image_tokens.ImageTokensUnknown(
+            f"{spec.name}: its image tokens come from {counted.source}, not from a processor, so there is no "
+            "prompt layout to copy for dummy inputs; load it from a folder with its processor files")
     g = torch.Generator().manual_seed(seed)
-    fam, cfg, d = spec.family.name, spec.config, spec.dims
     dtype = dtype or torch.float32
-    vocab = d.vocab
-    text = torch.randint(10, max(vocab - 10, 11), (batch_size, prompt_tokens), generator=g)
-    if fam in ("llava", "paligemma", "internvl"):
-        vc = cfg.vision_config
-        size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
-        image_id = image_token_id(cfg)
-        text[text == image_id] = image_id - 1
-        ids = torch.cat([text[:, :1], torch.full((batch_size, d.image_tokens), image_id), text[:, 1:]], dim=1)
-        pixels = torch.randn(batch_size, 3, size, size, generator=g)
-        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                "pixel_values": pixels.to(device=device, dtype=dtype)}
-    if fam == "qwen2_vl":
-        vc = cfg.vision_config
-        merge, patch, tpatch = vc.spatial_merge_size, vc.patch_size, getattr(vc, "temporal_patch_size", 2)
-        side = int(round((d.image_tokens * merge * merge) ** 0.5))
-        image_id = image_token_id(cfg)
-        vision_start = getattr(cfg, "vision_start_token_id", image_id - 1)
-        text[(text == image_id) | (text == vision_start)] = 10
-        ids = torch.cat([text[:, :1], torch.full((batch_size, 1), vision_start),
-                         torch.full((batch_size, d.image_tokens), image_id), text[:, 1:]], dim=1)
-        patches = torch.randn(batch_size * side * side, 3 * tpatch * patch * patch, generator=g)
-        grid = torch.tensor([[1, side, side]] * batch_size)
-        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                "pixel_values": patches.to(device=device, dtype=dtype), "image_grid_thw": grid.to(device)}
-    raise NotImplementedError(f"synthetic caption inputs are not written for the {fam} family yet; "
-                              "use llava, paligemma, internvl or qwen2-vl models")
+    prompt = torch.tensor([counted.prompt_ids] * batch_size)
+    special = torch.tensor(sorted(set(counted.prompt_ids)))
+    text = torch.randint(_TEXT_IDS, max(spec.dims.vocab - _TEXT_IDS, _TEXT_IDS + 1), (batch_size, prompt_tokens),
+                         generator=g)
+    text[torch.isin(text, special)] = _TEXT_IDS  # never an image token or marker by chance
+    ids = torch.cat([prompt, text], dim=1)
+    out = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    for key, value in counted.inputs.items():
+        if not hasattr(value, "dtype"):
+            continue
+        if key in ("mm_token_type_ids", "token_type_ids", "cross_attention_mask"):  # per prompt position
+            pad = torch.zeros((batch_size, prompt_tokens, *value.shape[2:]), dtype=value.dtype)
+            if key == "cross_attention_mask":  # the text after the image attends to it
+                pad = value[:, -1:].expand(batch_size, prompt_tokens, *value.shape[2:]).clone()
+            out[key] = torch.cat([value.expand(batch_size, *value.shape[1:]), pad], dim=1).to(device)
+        elif value.is_floating_point():
+            shape = (value.shape[0] * batch_size, *value.shape[1:])
+            out[key] = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+        else:
+            out[key] = torch.cat([value] * batch_size, dim=0).to(device)
+    return out

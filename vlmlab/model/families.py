@@ -97,7 +97,8 @@ def family_for(config, names: set[str] | None = None, native: bool = True) -> Fa
     if fam is not None:
         return fam
     model_type = getattr(config, "model_type", None) or "unknown"
-    keeps = getattr(config, "vision_feature_layer", None) is not None
+    layer = getattr(config, "vision_feature_layer", None)  # -1 is the last state only; -2 or a list asks for all
+    keeps = layer is not None and layer != -1
     return Family(str(model_type), (str(model_type),), keeps_vision_states=keeps, moves_image_features=native)
 
 

@@ -53,18 +53,25 @@ def normalise_size(image_size) -> tuple[int, int]:
     return (w, h)
 
 
-def count(config, image_size=None, folder=None) -> ImageTokens:
-    """Image tokens per image for ``config`` at ``image_size`` (width, height)."""
+def count(config, image_size=None, folder=None, model=None) -> ImageTokens:
+    """Image tokens per image for ``config`` at ``image_size`` (width, height): by the family's
+    processor; else the count the config states; else (``model``: the meta-device model) by running
+    the model's own image path on one image at the vision tower's native size."""
     size = normalise_size(image_size)
-    return _count(config, size, folder)
+    return _count(config, size, folder, model)
 
 
-def _count(config, size, folder):
+META_PATH = "model image path on meta"
+
+
+def _count(config, size, folder, model=None):
     try:
         return _count_with_processor(config, size, folder)
     except ProcessorUnavailable as err:
         fixed = _config_count(config)  # BLIP-2's query tokens: stated by the config, whatever the image
         if fixed is None:
+            if model is not None:
+                return _meta_path(model, config, size, str(err))
             raise ImageTokensUnknown(str(err)) from None
         vc = _sub(config, "vision_config")  # the encoder still sees every patch of its input size
         side, patch = _first_int(getattr(vc, "image_size", None)), _first_int(getattr(vc, "patch_size", None))
@@ -146,3 +153,31 @@ def _image_token_id(processor, config):
     if isinstance(token, str):
         return processor.tokenizer.convert_tokens_to_ids(token)
     return None
+
+
+def _meta_path(model, config, size, why: str) -> ImageTokens:
+    """Run ``get_image_features`` of the meta-device model on one image of the vision tower's native
+    size and count the features it returns: what the model scatters into the prompt for it."""
+    import torch
+
+    vc = _sub(config, "vision_config")
+    side = _first_int(getattr(vc, "image_size", None))
+    features = getattr(model, "get_image_features", None)
+    if not side or features is None:
+        raise ImageTokensUnknown(f"{why}; and the model has no get_image_features / vision image_size to run its "
+                                 "image path on the meta device") from None
+    channels = getattr(vc, "num_channels", None) or 3
+    try:
+        with torch.no_grad():
+            out = features(pixel_values=torch.zeros(1, channels, side, side, device="meta"))
+    except Exception as err:  # noqa: BLE001 - it needs more than pixels (image sizes, grids) or real data
+        raise ImageTokensUnknown(f"{why}; running its image path on the meta device failed too ({type(err).__name__}: "
+                                 f"{str(err)[:120]})") from None
+    out = getattr(out, "pooler_output", out)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not hasattr(out, "shape") or out.dim() < 2:
+        raise ImageTokensUnknown(f"{why}; its image path returned no feature tensor on the meta device") from None
+    n = int(out.shape[-2])
+    return ImageTokens(n, n, (side, side), f"{META_PATH} ({side}x{side}, one image; its processor may tile larger "
+                       "images into more tokens)", _config_id(config, "image"), n)

@@ -70,7 +70,8 @@ def _folder_parts(config, folder):
             saved.update(json.loads(path.read_text()))
     for proc_cls in _resolve(_class_names(PROCESSOR_MAPPING_NAMES, getattr(config, "model_type", None))):
         params = inspect.signature(proc_cls.__init__).parameters
-        kwargs = {k: v for k, v in saved.items() if k in params and k not in ("image_processor", "tokenizer")}
+        kwargs = {k: v for k, v in saved.items()
+                  if k in params and not isinstance(v, dict) and k not in ("image_processor", "tokenizer")}
         try:
             return _lenient(proc_cls)(image_processor=image_processor, tokenizer=tokenizer,
                                       **{**_other_parts(proc_cls, tokenizer), **kwargs})

@@ -69,7 +69,7 @@ class ModelSpec:
             return self
         cache = self.__dict__.setdefault("_at", {})
         if (size, given) not in cache:
-            image, source, error = _image_tokens(self.config, self.family, size, self.path, given)
+            image, source, error = _image_tokens(self.config, self.family, size, self.path, given, self.modules)
             dims = read_dims(self.config, self.dims.layers, _cross_layers(self.config), image)
             dims.vision_tokens += _class_tokens(self) if image is not None and image.vision_tokens else 0
             cache[size, given] = replace(self, dims=dims, image_tokens_source=source, image_tokens_error=error,
@@ -206,9 +206,13 @@ def build(name: str, config, source: str, path=None, hub_id=None, trust_remote_c
     units, params = _units(modules, found, tied)
     from vlmlab.model.image_tokens import normalise_size
 
-    image, counted_by, error = _image_tokens(config, fam, normalise_size(image_size), path, image_tokens)
+    image, counted_by, error = _image_tokens(config, fam, normalise_size(image_size), path, image_tokens, modules)
     n_layers = sum(1 for u in units if u.layer is not None)
-    dims = read_dims(config, n_layers, _cross_layers(config), image)
+    try:
+        dims = read_dims(config, n_layers, _cross_layers(config), image)
+    except ValueError as err:  # e.g. an action model whose text config get_text_config() does not find
+        raise introspect.RolesUnknown(f"{name}: cannot read the text model's sizes ({err}); vlmlab plans models "
+                                      "whose config has a text config with hidden size and head counts") from None
     spec = ModelSpec(name, config, fam, modules, source, path, hub_id, trust_remote_code, found, units,
                      no_split, tied, dims, params, introspect.tied_groups(modules), counted_by, error, image_tokens)
     if image is not None and image.vision_tokens:
@@ -237,7 +241,7 @@ def _cross_layers(config):
     return introspect.layer_value(text_config(config), "cross_attention_layers")
 
 
-def _image_tokens(config, fam, size, path, given):
+def _image_tokens(config, fam, size, path, given, modules=None):
     """(ImageTokens or None, source, error): given > override entry > the model's own processor."""
     from vlmlab.model import image_tokens as it
 
@@ -249,7 +253,7 @@ def _image_tokens(config, fam, size, path, given):
         n = fam.image_tokens or getattr(config, fam.image_tokens_field or "", None) or 64
         return it.ImageTokens(int(n), int(n), size, "override", None, int(n)), f"override ({fam.name})", None
     try:
-        image = it.count(config, size, folder=path)
+        image = it.count(config, size, folder=path, model=modules)
     except it.ImageTokensUnknown as err:
         return None, "unknown", str(err)
     return image, image.source, None
@@ -267,7 +271,7 @@ def _meta_model(config, trust_remote_code: bool):
     if not trust_remote_code:
         from vlmlab.model.catalog import build_meta_model
 
-        return build_meta_model(config)
+        return build_meta_model(config, include_buffers=True)  # no real buffers (some models hold GBs of them)
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 

@@ -74,6 +74,9 @@ def plan(model=None, gpus=None, strategy: str = "auto", dtype: str | None = None
 
         raise ImageTokensUnknown(f"{ms.name}: cannot plan without its image tokens per image. {ms.image_tokens_error}"
                                  " (plan(..., image_tokens=N)); a hand-written device_map is still checked.")
+    if ms.image_tokens_source.startswith("model image path on meta"):
+        warnings = warnings + [f"image tokens ({ms.dims.image_tokens} per image) counted by the {ms.image_tokens_source}"
+                               f"; pass image_tokens=N if its processor makes more"]
     planner = _Planner(ms, hw, work, dtype)
     groups, strategy_used = planner.place(strategy, gpus_per_replica)
     note = None

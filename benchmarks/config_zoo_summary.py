@@ -1,0 +1,73 @@
+"""Every image-text-to-text model type transformers can build here: spec, then a split plan.
+
+Each type's default config, shrunk to 2 layers per stack (tests/config_zoo.py), plus a few at
+their published (default) size, is read by vlmlab.spec and planned with strategy='split' on two
+virtual 80 GiB GPUs. Each either plans (checked: every parameter placed once, vision tower /
+projector / embeddings on one device, tied weights on one device, image tokens from the model's
+own processor or config) or is refused with a specific message; anything else is a crash.
+
+    python benchmarks/config_zoo_summary.py [--json benchmarks/results/config_zoo.json]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--types", default=None, help="comma-separated subset")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from tests import config_zoo
+
+    types = args.types.split(",") if args.types else config_zoo.image_text_types()
+    rows = []
+    t0 = time.time()
+    for small in (True, False):
+        for t in types if small else [t for t in config_zoo.PUBLISHED if t in types]:
+            t1 = time.time()
+            row = config_zoo.check(t, small=small)
+            row["seconds"] = round(time.time() - t1, 2)
+            rows.append(row)
+            extra = row.get("message", "") if row["outcome"] != "plan" else \
+                f"{row['image_tokens']} image tokens ({row['image_tokens_source']}), " \
+                f"covered={row['covered']} colocated={row['colocated']} tied_kept={row['tied_kept']}"
+            print(f"{t:24s} {row['size']:9s} {row['outcome']:11s} {extra[:150]}", flush=True)
+    buildable = [r for r in rows if r["outcome"] != "unbuildable"]
+    counts = collections.Counter(r["outcome"] for r in buildable)
+    planned = [r for r in buildable if r["outcome"] == "plan"]
+    summary = {
+        "date": datetime.date.today().isoformat(), "transformers": transformers.__version__,
+        "types": len(types), "rows": len(rows), "buildable": len(buildable),
+        "unbuildable": sorted(r["model_type"] for r in rows if r["outcome"] == "unbuildable"),
+        "plan": counts["plan"], "refused": counts["refused"], "crash": counts["crash"],
+        "plan_rate": round(counts["plan"] / max(len(buildable), 1), 3),
+        "refused_for_image_tokens": sum(str(r.get("message", "")).startswith("ImageTokensUnknown") for r in buildable),
+        "of_which_need_torchvision": sum("Torchvision" in str(r.get("message", "")) for r in buildable),
+        "plan_once_image_tokens_given": sum(r.get("plans_with_image_tokens") is True for r in buildable),
+        "silent_borrowings": sum(r["borrowed"] for r in planned),
+        "coverage_failures": sum(not r["covered"] for r in planned),
+        "colocation_failures": sum(not r["colocated"] for r in planned),
+        "tied_failures": sum(not r["tied_kept"] for r in planned),
+        "seconds": round(time.time() - t0, 1),
+    }
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
