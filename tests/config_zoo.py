@@ -102,7 +102,7 @@ def check(model_type: str, small: bool = True, gpus: str = "2x80GiB") -> dict:
     except Exception as err:  # noqa: BLE001
         name = type(err).__name__
         outcome = "refused" if name in OUR_REFUSALS else "crash"
-        row = {**row, "outcome": outcome, "message": f"{name}: {str(err)[:300]}"}
+        row = {**row, "outcome": outcome, "message": f"{name}: {str(err)[:1500]}"}
         if name == "ImageTokensUnknown":  # does it plan once told, as the message says?
             try:
                 vlmlab.plan(spec, gpus, strategy="split", image_tokens=256)

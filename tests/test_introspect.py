@@ -169,3 +169,221 @@ def test_per_layer_attributes_do_not_crash():
     layout = introspect.kv_layout(gemma4, gemma4.num_hidden_layers)
     assert len(layout) == gemma4.num_hidden_layers
     assert all(c.head_dim > 0 for c in layout if c.kind in ("full", "sliding"))
+
+
+# ---- remote code: the override table, and weights tied on the trust_remote_code path -----------
+
+REMOTE_CONFIG = '''
+from transformers import PretrainedConfig
+
+
+class MiniCPMVConfig(PretrainedConfig):
+    model_type = "minicpmv"
+
+    def __init__(self, hidden_size=8, vocab_size=50, num_hidden_layers=2, num_attention_heads=2, query_num=64,
+                 tie_word_embeddings=True, **kw):
+        self.hidden_size, self.vocab_size, self.num_hidden_layers = hidden_size, vocab_size, num_hidden_layers
+        self.num_attention_heads, self.query_num = num_attention_heads, query_num
+        self.vision_config = {"hidden_size": 12, "num_hidden_layers": 3, "intermediate_size": 24}  # a plain dict
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kw)
+'''
+REMOTE_MODEL = '''
+import torch.nn as nn
+from transformers import PreTrainedModel
+
+from .configuration_minicpmv import MiniCPMVConfig
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.attn, self.mlp = nn.Linear(d, d), nn.Linear(d, 2 * d)
+
+
+class _Model(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(c.hidden_size) for _ in range(c.num_hidden_layers))
+        self.norm = nn.LayerNorm(c.hidden_size)
+
+
+class _LLM(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.model = _Model(c)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+
+
+class MiniCPMV(PreTrainedModel):
+    config_class = MiniCPMVConfig
+    _tied_weights_keys = {"llm.lm_head.weight": "llm.model.embed_tokens.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.vpm = nn.Sequential(nn.Linear(12, 12), nn.Linear(12, 12))
+        self.resampler = nn.Linear(12, config.hidden_size)
+        self.llm = _LLM(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.llm.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.llm.lm_head
+'''
+
+
+@pytest.fixture(scope="module")
+def remote_folder(tmp_path_factory):
+    import json
+
+    folder = tmp_path_factory.mktemp("minicpmv")
+    (folder / "configuration_minicpmv.py").write_text(REMOTE_CONFIG)
+    (folder / "modeling_minicpmv.py").write_text(REMOTE_MODEL)
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "minicpmv", "architectures": ["MiniCPMV"], "hidden_size": 8, "vocab_size": 50,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "query_num": 64, "tie_word_embeddings": True,
+        "auto_map": {"AutoConfig": "configuration_minicpmv.MiniCPMVConfig",
+                     "AutoModelForCausalLM": "modeling_minicpmv.MiniCPMV"}}))
+    return folder
+
+
+def test_remote_code_ties_the_head_and_reads_dict_vision_configs(remote_folder):
+    import vlmlab
+
+    s = vlmlab.spec(str(remote_folder), trust_remote_code=True)
+    assert s.family.name == "minicpmv" and s.family.override and not s.family.moves_image_features
+    assert s.tied_head and s.modules.llm.lm_head.weight is s.modules.llm.model.embed_tokens.weight
+    assert s.num_parameters == sum(p.numel() for p in s.modules.parameters())  # the head counted once
+    assert "llm.lm_head" in s.units[0].members  # with the embeddings, wherever they go
+    assert (s.dims.vision_hidden, s.dims.vision_layers, s.dims.vision_intermediate) == (12, 3, 24)
+    assert s.dims.image_tokens == 64 and s.image_tokens_source == "override (minicpmv)"
+    p = vlmlab.plan(s, "2x2GiB", strategy="split")
+    dm = p.device_map
+    assert dm["llm.lm_head"] == dm["llm.model.embed_tokens"] == dm["vpm"] == dm["resampler"]
+    from vlmlab.plan.devicemap import DeviceMapError
+
+    bad = {**dm, "vpm": 1 - dm["llm.model.embed_tokens"]}  # remote code does not move image features
+    with pytest.raises(DeviceMapError, match="co-location broken"):
+        vlmlab.plan(s, "2x2GiB", device_map=bad)
+    untied = {**dm, "llm.lm_head": 1 - dm["llm.model.embed_tokens"]}
+    with pytest.raises(DeviceMapError, match=r"head \(tied to the embeddings\)"):
+        vlmlab.plan(s, "2x2GiB", device_map=untied)
+
+
+def _tree(entries: dict) -> nn.Module:
+    root = nn.Module()
+    for dotted, mod in entries.items():
+        *parents, leaf = dotted.split(".")
+        parent = root
+        for p in parents:
+            if p not in parent._modules:
+                parent.add_module(p, nn.Module())
+            parent = parent._modules[p]
+        if isinstance(mod, nn.Parameter):
+            parent.register_parameter(leaf, mod)
+        else:
+            parent.add_module(leaf, mod)
+    return root
+
+
+def test_sharecaptioner_and_omnilmm_trees_plan():
+    import torch
+    from types import SimpleNamespace
+
+    import vlmlab
+    from vlmlab.model.spec import build
+
+    def config(model_type, arch):
+        return SimpleNamespace(model_type=model_type, architectures=[arch], hidden_size=8, num_attention_heads=2,
+                               num_key_value_heads=2, intermediate_size=16, vocab_size=50)
+
+    layer = type("InternLMDecoderLayer", (nn.Linear,), {})
+    share = _tree({"visual_encoder": nn.Linear(12, 12), "ln_vision": nn.LayerNorm(12), "Qformer": nn.Linear(12, 12),
+                   "query_tokens": nn.Parameter(torch.zeros(1, 32, 12)), "internlm_proj": nn.Linear(12, 8),
+                   "internlm_model.model.embed_tokens": nn.Embedding(50, 8),
+                   "internlm_model.model.layers": nn.ModuleList(layer(8, 8) for _ in range(4)),
+                   "internlm_model.model.norm": nn.LayerNorm(8),
+                   "internlm_model.lm_head": nn.Linear(8, 50, bias=False)})
+    s = build("sharecaptioner", config("internlmxcomposer", "InternLMXComposerForCausalLM"), "folder", modules=share)
+    assert s.family.name == "sharecaptioner" and s.roles["vision"] == ["visual_encoder"]
+    assert set(s.roles["projector"]) == {"Qformer", "query_tokens", "ln_vision", "internlm_proj"}
+    assert s.dims.image_tokens == 32 and "InternLMDecoderLayer" in s.no_split
+    p = vlmlab.plan(s, "2x2GiB", strategy="split")
+    first = {p.device_map[m] for m in ("visual_encoder", "Qformer", "query_tokens", "internlm_model.model.embed_tokens")}
+    assert len(first) == 1
+
+    omni_layer = type("MistralDecoderLayer", (nn.Linear,), {})
+    omni = _tree({"model.vision_tower": nn.Linear(12, 12), "model.resampler": nn.Linear(12, 8),
+                  "model.embed_tokens": nn.Embedding(50, 8),
+                  "model.layers": nn.ModuleList(omni_layer(8, 8) for _ in range(3)), "model.norm": nn.LayerNorm(8),
+                  "lm_head": nn.Linear(8, 50, bias=False)})
+    s = build("omnilmm-12b", config("omnilmm", "OmniLMMForCausalLM"), "folder", modules=omni)
+    assert s.family.name == "omnilmm" and s.roles["projector"] == ["model.resampler"]
+    assert s.roles["vision"] == ["model.vision_tower"] and s.dims.image_tokens == 64
+    assert vlmlab.plan(s, "2x2GiB", strategy="split").ok
+
+
+# ---- the model's own processor: tiny model folders (tests/tiny_vlms.py) -------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tests import tiny_vlms
+
+    return tiny_vlms.build_all(tmp_path_factory.mktemp("tiny_vlms"))
+
+
+def test_config_alone_counts_what_the_folder_processor_counts(tiny):
+    """From the config only (processor built locally) == the folder's saved processor, 2 sizes."""
+    from transformers import AutoConfig
+
+    same = 0
+    for family, folder in tiny.items():
+        config = AutoConfig.from_pretrained(folder)
+        for size in ((1024, 768), (300, 200)):
+            local = image_tokens.count(config, size)
+            saved = image_tokens.count(config, size, folder=folder)
+            assert saved.source == "processor (folder)", family
+            # idefics3's saved processor does not split images; that is its processor config, not the model's
+            if family != "idefics3":
+                assert local.per_image == saved.per_image, (family, size)
+                same += 1
+    assert same >= 2 * 11
+
+
+def test_dummy_inputs_run_every_tiny_family(tiny):
+    import torch
+    import transformers
+
+    import vlmlab
+    from vlmlab.model.dummy_inputs import caption_inputs
+
+    for family, folder in tiny.items():
+        ms = vlmlab.spec(str(folder))
+        cls = transformers.Blip2ForConditionalGeneration if family == "blip2" else transformers.AutoModelForImageTextToText
+        model = cls.from_pretrained(folder).eval()
+        inputs = caption_inputs(ms, 2, prompt_tokens=3)
+        image_id = image_tokens.count(ms.config, folder=folder).token_id
+        assert int((inputs["input_ids"][0] == image_id).sum()) == ms.dims.image_tokens, family
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        assert out.shape[0] == 2, family
+
+
+# ---- the config test set: every type either plans correctly or is refused, never crashes -------
+
+ZOO_SAMPLE = ["llava", "qwen2_vl", "mllama", "kosmos-2", "llama4", "gemma4", "pix2struct", "udop", "blip-2",
+              "florence2", "janus", "cohere2_vision"]
+
+
+@pytest.mark.parametrize("model_type", ZOO_SAMPLE)
+def test_config_zoo_sample(model_type):
+    row = config_zoo.check(model_type)
+    assert row["outcome"] in ("plan", "refused", "unbuildable"), row
+    if row["outcome"] == "plan":
+        assert row["covered"] and row["colocated"] and row["tied_kept"] and not row["borrowed"], row
+    elif row["outcome"] == "refused":
+        assert "pass" in row["message"] or "roles=" in row["message"], row  # says how to supply what is missing
+        if row["message"].startswith("ImageTokensUnknown"):
+            assert row["plans_with_image_tokens"] is True, row

@@ -72,8 +72,9 @@ def plan(model=None, gpus=None, strategy: str = "auto", dtype: str | None = None
     if ms.image_tokens_error:
         from vlmlab.model.image_tokens import ImageTokensUnknown
 
-        raise ImageTokensUnknown(f"{ms.name}: cannot plan without its image tokens per image. {ms.image_tokens_error}"
-                                 " (plan(..., image_tokens=N)); a hand-written device_map is still checked.")
+        raise ImageTokensUnknown(f"{ms.name}: cannot plan without its image tokens per image; pass "
+                                 f"plan(..., image_tokens=N) (a hand-written device_map is still checked). Why: "
+                                 f"{ms.image_tokens_error}")
     if ms.image_tokens_source.startswith("model image path on meta"):
         warnings = warnings + [f"image tokens ({ms.dims.image_tokens} per image) counted by the {ms.image_tokens_source}"
                                f"; pass image_tokens=N if its processor makes more"]
