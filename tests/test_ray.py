@@ -38,8 +38,10 @@ NODE_CPUS = 2
 DRIVER = """
 import json, sys
 import vlmlab
-folder, out, address = sys.argv[1:4]
-plan = vlmlab.plan(None, gpus=vlmlab.gpus("ray:" + address), strategy="replicate", dtype="float32", batch_size=4)
+folder, out, address, per_node = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+cluster = vlmlab.gpus("ray:" + address)
+cluster = cluster.select(indices=[g.index for devices in cluster.nodes().values() for g in devices[:per_node]])
+plan = vlmlab.plan(None, gpus=cluster, strategy="replicate", dtype="float32", batch_size=4)
 result = vlmlab.caption(folder, model=plan, batch_size=4, out=out, progress=False)
 rows = result.to_pandas()
 print(json.dumps({"rows": len(rows), "errors": int(rows.error.notna().sum()), "resumed": result.resumed}))
@@ -133,8 +135,8 @@ def _journal_keys(path):
     return Counter(json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip().endswith("}"))
 
 
-def _driver(images, out, address):
-    return subprocess.Popen([sys.executable, "-c", DRIVER, str(images), str(out), address],
+def _driver(images, out, address, per_node=NODE_CPUS):
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(images), str(out), address, str(per_node)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -177,9 +179,10 @@ def test_every_image_once_on_both_nodes(cluster, images, tmp_path):
     plan = vlmlab.plan(None, gpus=vlmlab.gpus("ray"), strategy="replicate", dtype="float32", batch_size=BATCH)
     assert len(plan.replicas) == 2 * NODE_CPUS
     out = tmp_path / "captions.jsonl"
-    result = vlmlab.caption(images, model=plan, batch_size=BATCH, out=out, progress=False)
+    result = vlmlab.caption(images, model=plan, batch_size=BATCH, out=out, progress=False, profile=True)
     df = result.to_pandas()
     assert len(df) == N_IMAGES and df.error.isna().all()
+    assert result.profile.images == N_IMAGES and len(result.profile.replicas) == 2 * NODE_CPUS  # each actor profiled
     assert set(df.node) == _alive_nodes()  # rows name both nodes
     assert set(df.replica) == set(range(2 * NODE_CPUS)) and set(df.device) == {"cpu"}
     assert set(_journal_keys(out).values()) == {1} and len(_journal_keys(out)) == N_IMAGES
@@ -191,8 +194,8 @@ def test_every_image_once_on_both_nodes(cluster, images, tmp_path):
 
 @needs_ray
 def test_interrupted_then_killed_driver_resumes_exactly_once(cluster, images, tmp_path):
-    out = tmp_path / "captions.jsonl"
-    first = _driver(images, out, cluster.address)  # Ctrl-C mid-run: actors stop, finished batches kept
+    out = tmp_path / "captions.jsonl"  # one replica per node here: three runs of four actors would be slow
+    first = _driver(images, out, cluster.address, per_node=1)  # Ctrl-C mid-run: actors stop, batches done kept
     _wait_for_rows(out, 3 * BATCH, first)
     first.send_signal(signal.SIGINT)
     _, err = first.communicate(timeout=60)
@@ -201,14 +204,14 @@ def test_interrupted_then_killed_driver_resumes_exactly_once(cluster, images, tm
     assert 0 < after_interrupt < N_IMAGES
     assert _free_cpus_return(2 * NODE_CPUS)
 
-    second = _driver(images, out, cluster.address)  # SIGKILL mid-run: nothing runs any cleanup
+    second = _driver(images, out, cluster.address, per_node=1)  # SIGKILL mid-run: nothing runs any cleanup
     _wait_for_rows(out, after_interrupt + 3 * BATCH, second)
     second.kill()
     second.wait(timeout=30)
     assert sum(_journal_keys(out).values()) < N_IMAGES
     assert _free_cpus_return(2 * NODE_CPUS)  # Ray ends the actors of a dead driver
 
-    third = _driver(images, out, cluster.address)
+    third = _driver(images, out, cluster.address, per_node=1)
     stdout, err = third.communicate(timeout=300)
     assert third.returncode == 0, err[-3000:]
     summary = json.loads(stdout.strip().splitlines()[-1])

@@ -128,16 +128,21 @@ class RayPool(Dispatcher):
         self.actors, self.calls = {}, {}  # wid -> actor handle; pending ObjectRef -> wid
 
     def start(self):
+        self.actor_class = self.ray.remote(max_restarts=0, max_task_retries=0)(ReplicaActor)
+        for wid in range(len(self.placements)):
+            self.restart(wid)
+
+    def restart(self, wid):
+        """A new actor for replica ``wid`` on its node (where a node that is gone fails it at once)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        actor_class = self.ray.remote(max_restarts=0, max_task_retries=0)(ReplicaActor)
+        node, cpus, gpus = self.placements[wid]
         plan_json, job, job_kwargs, load_kwargs, profile = self.args
-        for wid, (node, cpus, gpus) in enumerate(self.placements):
-            actor = actor_class.options(
-                num_cpus=cpus, num_gpus=gpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-            ).remote(plan_json, wid, job, job_kwargs, load_kwargs, profile, cpus)
-            self.actors[wid] = actor
-            self.calls[actor.ready.remote()] = wid
+        actor = self.actor_class.options(
+            num_cpus=cpus, num_gpus=gpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        ).remote(plan_json, wid, job, job_kwargs, load_kwargs, profile, cpus)
+        self.actors[wid] = actor
+        self.calls[actor.ready.remote()] = wid
 
     def send(self, wid, task):
         actor = self.actors[wid]
@@ -157,10 +162,10 @@ class RayPool(Dispatcher):
                 continue
             try:
                 messages = self.ray.get(ref)
-            except self.ray.exceptions.RayActorError as err:  # the actor, its node or its start-up died
-                self.lost(wid, _reason(err))
             except self.ray.exceptions.RayTaskError as err:  # the job raised: a local worker would exit
                 self.handle(wid, ("error", str(err)))
+                self.lost(wid, _reason(err))
+            except self.ray.exceptions.RayError as err:  # the actor or its node died, or it cannot be placed
                 self.lost(wid, _reason(err))
             else:
                 for message in messages:
@@ -171,14 +176,14 @@ class RayPool(Dispatcher):
 
     def lost(self, wid, reason):
         self.calls = {ref: w for ref, w in self.calls.items() if w != wid}
-        self._kill(wid)  # an unreachable actor might come back: it must not run on
+        self.kill(wid)  # an unreachable actor might come back: it must not run on
         super().lost(wid, reason)
 
     def stop(self, finished):
         for wid in list(self.actors):
-            self._kill(wid)
+            self.kill(wid)
 
-    def _kill(self, wid):
+    def kill(self, wid):
         actor = self.actors.pop(wid, None)
         if actor is not None:
             try:
