@@ -34,6 +34,7 @@ class Dims:
     # what each decoder layer caches (introspect.LayerCache), in layer order; empty: every layer full
     kv: tuple = field(default=(), compare=False, repr=False)
     image_size: tuple = field(default=(0, 0), compare=False)  # (width, height) the image tokens are for
+    vision_rotary: bool = field(default=False, compare=False)  # the tower applies rotary embeddings (float32)
 
 
 def sub_config(config, key):

@@ -368,6 +368,9 @@ def _tile_tokens(config):
     scale = getattr(config, "scale_factor", None)
     if size and patch and isinstance(scale, int) and scale > 0:
         return (size // patch) ** 2 // (scale * scale)
+    ratio = getattr(config, "downsample_ratio", None)  # InternVL: pixel shuffle by a ratio
+    if size and patch and isinstance(ratio, float) and 0 < ratio < 1:
+        return int((size // patch) ** 2 * ratio * ratio)
     return None
 
 

@@ -26,6 +26,8 @@ CUDA_CONTEXT = 1300 * MiB
 # 31-37% of the dynamic part (KV cache + activations + logits) for LLaVA-1.5-7B at batch 4 and 16,
 # single and split (benchmarks/results/gpu_memory_calibration.txt).
 ALLOCATOR_SLACK = 0.35
+# float32 temporaries per element while a vision tower applies rotary embeddings to q and k
+ROTARY_FP32 = 5
 
 COMPONENTS = ("vision", "projector", "embeddings", "layers", "norm", "head", "other",
               "kv_cache", "activations", "logits", "context")
@@ -111,6 +113,12 @@ def vision_activation_bytes(dims, work: Workload, dtype: str, keeps_hidden_state
     per_state = images * dims.vision_tokens * dims.vision_hidden * compute_bytes(dtype)
     kept = (dims.vision_layers + 1) if keeps_hidden_states else 2
     mlp = images * dims.vision_tokens * 2 * dims.vision_intermediate * compute_bytes(dtype)
+    if getattr(dims, "vision_rotary", False):
+        # rotary position embeddings in the tower (Qwen2-VL style) rotate q and k in float32: q, k, v plus
+        # ~5 float32 temporaries per element of the width, more than the MLP's (measured on an H200:
+        # qwen2-vl-2b at batch 64, 999 tokens per image, needed 9.4 GiB of activations; this gives 9.7)
+        attention = images * dims.vision_tokens * dims.vision_hidden * (3 * compute_bytes(dtype) + ROTARY_FP32 * 4)
+        return kept * per_state + max(mlp, attention)
     return kept * per_state + mlp
 
 

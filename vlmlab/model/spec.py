@@ -72,6 +72,7 @@ class ModelSpec:
             image, source, error = _image_tokens(self.config, self.family, size, self.path, given, self.modules)
             dims = read_dims(self.config, self.dims.layers, _cross_layers(self.config), image)
             dims.vision_tokens += _class_tokens(self) if image is not None and image.vision_tokens else 0
+            dims.vision_rotary = self.dims.vision_rotary
             cache[size, given] = replace(self, dims=dims, image_tokens_source=source, image_tokens_error=error,
                                          given_image_tokens=given)
         return cache[size, given]
@@ -217,7 +218,15 @@ def build(name: str, config, source: str, path=None, hub_id=None, trust_remote_c
                      no_split, tied, dims, params, introspect.tied_groups(modules), counted_by, error, image_tokens)
     if image is not None and image.vision_tokens:
         dims.vision_tokens += _class_tokens(spec)
+    dims.vision_rotary = _vision_rotary(spec)
     return spec
+
+
+def _vision_rotary(spec) -> bool:
+    """Whether the vision tower holds a rotary-embedding module (read from its module classes)."""
+    modules = dict(spec.modules.named_modules())
+    return any("rotary" in type(m).__name__.lower() for v in spec.roles.get("vision", ()) if v in modules
+               for m in modules[v].modules())
 
 
 def _roles_message(name, config, fam, missing, names) -> str:
