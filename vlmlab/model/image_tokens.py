@@ -167,9 +167,14 @@ def _meta_path(model, config, size, why: str) -> ImageTokens:
         raise ImageTokensUnknown(f"{why}; and the model has no get_image_features / vision image_size to run its "
                                  "image path on the meta device") from None
     channels = getattr(vc, "num_channels", None) or 3
+    import inspect
+
+    extra = {}
+    if "image_sizes" in inspect.signature(features).parameters:  # (height, width) of each image, on the CPU
+        extra["image_sizes"] = torch.tensor([[side, side]])
     try:
         with torch.no_grad():
-            out = features(pixel_values=torch.zeros(1, channels, side, side, device="meta"))
+            out = features(pixel_values=torch.zeros(1, channels, side, side, device="meta"), **extra)
     except Exception as err:  # noqa: BLE001 - it needs more than pixels (image sizes, grids) or real data
         raise ImageTokensUnknown(f"{why}; running its image path on the meta device failed too ({type(err).__name__}: "
                                  f"{str(err)[:120]})") from None

@@ -110,6 +110,12 @@ def _local_processor(config):
     model_type = getattr(config, "model_type", None)
     proc_names = _class_names(PROCESSOR_MAPPING_NAMES, model_type)
     image_names = _class_names(IMAGE_PROCESSOR_MAPPING_NAMES, model_type)
+    if proc_names and not image_names:  # its processor class is registered; its image processor under a sibling type
+        for other, names in PROCESSOR_MAPPING_NAMES.items():
+            if other != model_type and set(_class_names(PROCESSOR_MAPPING_NAMES, other)) & set(proc_names):
+                image_names = _class_names(IMAGE_PROCESSOR_MAPPING_NAMES, other)
+                if image_names:
+                    break
     if not proc_names or not image_names:
         missing = "processor class" if not proc_names else "image processor class"
         raise ProcessorUnavailable(f"{_kind(config)}: transformers registers no {missing} for it, so its image tokens "
@@ -371,7 +377,7 @@ def _tile_tokens(config):
     ratio = getattr(config, "downsample_ratio", None)  # InternVL: pixel shuffle by a ratio
     if size and patch and isinstance(ratio, float) and 0 < ratio < 1:
         return int((size // patch) ** 2 * ratio * ratio)
-    return None
+    return (size // patch) ** 2 if size and patch else None  # the tower's patches per tile (LLaVA-OneVision)
 
 
 def _class_tokens(config) -> int:
