@@ -129,4 +129,4 @@ def test_bench_isolate_runs_single_in_a_worker_process(tiny_llava, monkeypatch):
     assert not mp.active_children()
     with pytest.raises(AssertionError, match="must not load"):  # and without isolate it does load here
         vlmlab.bench(tiny_llava, strategies=["single"], batch_sizes=[2], gpus="2xcpu", random_weights=True,
-                     n_images=2, max_new_tokens=2, progress=False)
+                     n_images=2, max_new_tokens=2, progress=False, isolate=False)

@@ -11,9 +11,10 @@ per finished batch; Ctrl-C stops every worker and keeps what is done.
 
 Nothing hangs and no input takes the run down: a batch that runs far longer than any finished one
 (``hang_limit``) has its worker killed, as a stopped or deadlocked process never answers; a worker
-that died or was killed holding a batch is started again (where the transport can); a batch on
-which workers died twice is split into single items, and a single item on which they died twice
-is set aside: ``isolate(payload, reason)`` gives its rows (an error row per image).
+that died or was killed holding a batch goes back to the queue. With ``isolate`` (captioning has
+one) the worker is also started again (where the transport can), a batch on which workers died
+twice is split into single items, and a single item on which they died twice is set aside:
+``isolate(payload, reason)`` gives its rows (an error row per image).
 
 A *job* is ``"module:function"`` called in the worker as ``function(loaded_model, payload, **kwargs)``
 and returning a list of row dicts; ``vlmlab.run.batch:caption_items`` captions images and
@@ -192,7 +193,7 @@ class Dispatcher:
         if task is not None and task not in self.done:
             self.deaths[task] += 1
             self.failures_in_a_row += 1
-            if self.deaths[task] < DEATHS_PER_BATCH:
+            if self.deaths[task] < DEATHS_PER_BATCH or self.isolate is None:
                 self.pending.appendleft(task)
                 self.stats.requeued += 1
                 fate = "its batch went back to the queue"
@@ -206,8 +207,8 @@ class Dispatcher:
         for other in list(self.idle):  # a parked survivor takes the requeued batch (or is told to stop)
             self.give(other)
         restart = getattr(self, "restart", None)
-        if (restart is not None and task is not None and wid in self.stats.load_s and self.pending
-                and self.failures_in_a_row <= 4 + 2 * self.stats.workers):
+        if (restart is not None and self.isolate is not None and task is not None and wid in self.stats.load_s
+                and self.pending and self.failures_in_a_row <= 4 + 2 * self.stats.workers):
             restart(wid)  # it worked until this batch: start it again for the rest
             self.live.add(wid)
             self.phases[wid] = "restarting"

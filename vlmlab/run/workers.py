@@ -160,8 +160,9 @@ def run_replicas(plan, payloads: list, job: str, job_kwargs: dict | None = None,
     ``on_rows(rows)`` is called in this process as each batch finishes (journal, progress bar).
     ``profile``: every worker profiles its replica; ``stats.profile()`` merges them.
     ``isolate(payload, reason)``: the rows for a one-item payload on which workers died twice (list
-    payloads are split into one-item lists first); without it such an item is dropped and counted in
-    ``stats.isolated``. ``on_phase(text)``: what the workers do while they start ("1 loading, 1 ready").
+    payloads are split into one-item lists first; a dead worker is started again); without it a dead
+    worker's batch only goes back to the queue, and when every worker is dead the run fails.
+    ``on_phase(text)``: what the workers do while they start ("1 loading, 1 ready").
     Returns (rows in completion order, RunStats).
     """
     if plan.hardware.source == "ray":
