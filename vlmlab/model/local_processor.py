@@ -42,7 +42,7 @@ def build_processor(config, folder=None):
         try:
             from transformers import AutoProcessor
 
-            return AutoProcessor.from_pretrained(str(folder)), "processor (folder)"
+            return AutoProcessor.from_pretrained(str(folder), trust_remote_code=False), "processor (folder)"
         except Exception:  # noqa: BLE001 - e.g. a video processor that needs torchvision: its parts, then defaults
             parts = _folder_parts(config, folder)
             if parts is not None:
@@ -59,8 +59,8 @@ def _folder_parts(config, folder):
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
     try:
-        image_processor = AutoImageProcessor.from_pretrained(str(folder))
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        image_processor = AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception:  # noqa: BLE001 - no image processor or tokenizer files
         return None
     saved = {}
