@@ -153,7 +153,7 @@ def _local_tokenizer(path):
         try:
             from transformers import AutoTokenizer
 
-            _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+            _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except Exception:  # noqa: BLE001 - no tokenizer there: count words instead
             _TOKENIZERS[path] = None
     return _TOKENIZERS[path]
