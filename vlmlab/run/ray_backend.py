@@ -126,6 +126,7 @@ class RayPool(Dispatcher):
             job_kwargs["warmup"] = portable(job_kwargs["warmup"])
         self.args = (plan.to_json(indent=None), job, job_kwargs, load_kwargs or {}, profile)
         self.actors, self.calls = {}, {}  # wid -> actor handle; pending ObjectRef -> wid
+        self.failed_starts = []  # (wid, reason): actors Ray refused at once, reported as lost on the next poll
 
     def start(self):
         self.actor_class = self.ray.remote(max_restarts=0, max_task_retries=0)(ReplicaActor)
@@ -138,11 +139,16 @@ class RayPool(Dispatcher):
 
         node, cpus, gpus = self.placements[wid]
         plan_json, job, job_kwargs, load_kwargs, profile = self.args
-        actor = self.actor_class.options(
-            num_cpus=cpus, num_gpus=gpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-        ).remote(plan_json, wid, job, job_kwargs, load_kwargs, profile, cpus)
+        try:
+            actor = self.actor_class.options(
+                num_cpus=cpus, num_gpus=gpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            ).remote(plan_json, wid, job, job_kwargs, load_kwargs, profile, cpus)
+            ready = actor.ready.remote()
+        except Exception as err:  # noqa: BLE001 - e.g. its node is known to be gone
+            self.failed_starts.append((wid, _reason(err)))
+            return
         self.actors[wid] = actor
-        self.calls[actor.ready.remote()] = wid
+        self.calls[ready] = wid
 
     def send(self, wid, task):
         actor = self.actors[wid]
@@ -150,6 +156,8 @@ class RayPool(Dispatcher):
         self.calls[ref] = wid
 
     def poll(self, timeout):
+        while self.failed_starts:
+            self.lost(*self.failed_starts.pop())
         if not self.calls:
             time.sleep(timeout)
             return False
