@@ -125,7 +125,7 @@ def caption_opened(lm, opened, prompt, max_new_tokens, state) -> list[dict]:
             outs = caption_batch(lm, [im for _, _, im in group], prompt, max_new_tokens)
             ms = (time.perf_counter() - t0) * 1000 / len(group)
         except Exception as err:  # noqa: BLE001 - sorted out below; KeyboardInterrupt passes
-            failure = (_is_oom(err), f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", err)
+            failure = (is_oom(err), f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", err)
         if failure is None:
             state.succeeded = True
             for (i, it, _), o in zip(group, outs):
@@ -135,7 +135,7 @@ def caption_opened(lm, opened, prompt, max_new_tokens, state) -> list[dict]:
             continue
         oom, message, err = failure
         failure = None
-        _free_memory(lm)
+        free_memory(lm)
         if oom and size > 1:
             size = max(1, size // 2)
             state.limit = size
@@ -200,14 +200,14 @@ def _count_tokens(ids, stop, pad) -> int:
     return n
 
 
-def _is_oom(err) -> bool:
+def is_oom(err) -> bool:
     import torch
 
     oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
     return isinstance(err, oom_type) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
 
 
-def _free_memory(lm):
+def free_memory(lm):
     import gc
 
     gc.collect()
