@@ -65,7 +65,7 @@ def test_unknown_module_with_did_you_mean(llava, two):
     assert any(f"unknown module '{LLM}.layer.3'" in p and f"did you mean '{LLM}.layers.3'?" in p
                and "llava-1.5-7b has no module or parameter of that name" in p for p in probs)
     # and, since the real layer 3 is now unmapped:
-    assert any(f"not covered by the device map: '{LLM}.layers.3' (9 parameters)" in p for p in probs)
+    assert any(f"not covered by the device map: '{LLM}.layers.3' (9 parameter tensors)" in p for p in probs)
 
 
 def test_unknown_module_without_close_match(llava, two):
@@ -77,18 +77,18 @@ def test_module_not_covered(llava, two):
     dm = by_hand()
     del dm["lm_head"]
     assert problems(llava, dm, two) == [
-        "not covered by the device map: 'lm_head' (1 parameters); map every module to a device"]
+        "not covered by the device map: 'lm_head' (1 parameter tensors); map every module to a device"]
 
 
 def test_many_modules_not_covered_are_summarised(llava, two):
     # no layer at all: the highest uncovered module is named, with the count of its parameters
     dm = {k: v for k, v in by_hand().items() if ".layers." not in k}
     assert problems(llava, dm, two) == [
-        f"not covered by the device map: '{LLM}.layers' (288 parameters); map every module to a device"]  # 32 x 9
+        f"not covered by the device map: '{LLM}.layers' (288 parameter tensors); map every module to a device"]  # 32 x 9
     # ten separate layers missing: eight are named, then an ellipsis
     dm = {k: v for k, v in by_hand().items() if k not in {f"{LLM}.layers.{i}" for i in range(0, 20, 2)}}
     (p,) = problems(llava, dm, two)
-    assert p.count(f"'{LLM}.layers.") == 8 and " … (90 parameters)" in p
+    assert p.count(f"'{LLM}.layers.") == 8 and " … (90 parameter tensors)" in p
 
 
 def test_module_covered_twice(llava, two):

@@ -312,7 +312,7 @@ def test_loaded_model_with_plan_is_json_serialisable(loaded):
     p = prof.result()
     assert p.model == loaded.name
     assert set(p.predicted) == {"cpu"} and p.predicted["cpu"] == sum(loaded.plan.predicted().values())
-    assert "cpu" in p.error_pct()
+    assert p.error_pct() == {}  # CPU memory is not predicted well enough to show an error (issue 14, item 18)
     d = json.loads(json.dumps(p.to_dict()))
     assert d["latency"]["decode"]["calls"] == NEW_TOKENS - 1
     assert d["predicted"]["cpu"] > 0 and d["peak"]["cpu"] > 0 and d["images"] == 2

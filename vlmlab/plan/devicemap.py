@@ -114,7 +114,7 @@ def check(spec: ModelSpec, device_map: dict, devices: dict, work: Workload, dtyp
     if uncovered:
         tops = sorted({_top_uncovered(p, dm) for p in uncovered})
         problems.append(f"not covered by the device map: {', '.join(repr(t) for t in tops[:8])}"
-                        f"{' …' if len(tops) > 8 else ''} ({len(uncovered)} parameters); map every module to a device")
+                        f"{' …' if len(tops) > 8 else ''} ({len(uncovered)} parameter tensors); map every module to a device")
     severe, mild = _colocation(spec, placed, dm, work, dtype)
     problems += severe
     warnings += mild
