@@ -3,7 +3,6 @@ magics, exit code 2 and one line from the CLI, a ValueError or an error row from
 raw traceback, a wrong exit code or silence. Public API, the CLI and the magics only."""
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
@@ -20,12 +19,9 @@ AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 def _cli(argv):
     """The ``vlmlab`` console script's main(argv) -> exit code."""
-    for name in ("vlmlab.ui.cli", "vlmlab.cli"):
-        try:
-            return importlib.import_module(name).main(argv)
-        except ModuleNotFoundError:
-            continue
-    raise ImportError("no vlmlab CLI module")
+    from vlmlab.ui.cli import main
+
+    return main(argv)
 
 
 def _image(path, colour="red"):

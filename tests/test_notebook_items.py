@@ -1,7 +1,6 @@
 """Issue 14, items 16, 18, 21: what a user notices in a notebook (bench, CPU plans, the README)."""
 from __future__ import annotations
 
-import importlib
 import re
 import shlex
 from pathlib import Path
@@ -15,12 +14,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _cli(argv):
-    for name in ("vlmlab.ui.cli", "vlmlab.cli"):
-        try:
-            return importlib.import_module(name).main(argv)
-        except ModuleNotFoundError:
-            continue
-    raise ImportError("no vlmlab CLI module")
+    """The ``vlmlab`` console script's main(argv) -> exit code."""
+    from vlmlab.ui.cli import main
+
+    return main(argv)
 
 
 # ---- 16. bench compares like with like, and says when a run is too short -----------------------------
