@@ -37,47 +37,16 @@ def _sub(config, key):
 
 
 def build_processor(config, folder=None):
-    """(processor, source): the folder's saved processor, else the registered class built locally."""
+    """(processor, source): the folder's saved processor (without its video part where that needs
+    torchvision: ``saved_processor.load_processor``), else the registered class built locally."""
     if folder is not None:
-        try:
-            from transformers import AutoProcessor
+        from vlmlab.model.saved_processor import load_processor
 
-            return AutoProcessor.from_pretrained(str(folder), trust_remote_code=False), "processor (folder)"
-        except Exception:  # noqa: BLE001 - e.g. a video processor that needs torchvision: its parts, then defaults
-            parts = _folder_parts(config, folder)
-            if parts is not None:
-                return parts, "processor (folder)"
+        try:
+            return load_processor(str(folder)), "processor (folder)"
+        except Exception:  # noqa: BLE001 - no usable processor files: the class's defaults
+            pass
     return _local_processor(config), "processor (built from defaults)"
-
-
-def _folder_parts(config, folder):
-    """The registered processor class around the folder's own image processor and tokenizer."""
-    import json
-    from pathlib import Path
-
-    from transformers import AutoImageProcessor, AutoTokenizer
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except Exception:  # noqa: BLE001 - no image processor or tokenizer files
-        return None
-    saved = {}
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        path = Path(folder) / name
-        if path.exists():
-            saved.update(json.loads(path.read_text()))
-    for proc_cls in _resolve(_class_names(PROCESSOR_MAPPING_NAMES, getattr(config, "model_type", None))):
-        params = inspect.signature(proc_cls.__init__).parameters
-        kwargs = {k: v for k, v in saved.items()
-                  if k in params and not isinstance(v, dict) and k not in ("image_processor", "tokenizer")}
-        try:
-            return _lenient(proc_cls)(image_processor=image_processor, tokenizer=tokenizer,
-                                      **{**_other_parts(proc_cls, tokenizer), **kwargs})
-        except Exception:  # noqa: BLE001
-            continue
-    return None
 
 
 def _class_names(mapping, model_type):
