@@ -97,26 +97,16 @@ def test_3_a_second_run_on_a_journal_in_use_refuses_and_names_the_holder(tmp_pat
 
 def _caption_with_deadline(target, out, seconds=60):
     """caption(out=...) in a thread; a FIFO that blocks it is opened from here so the thread ends."""
-    outcome = {}
+    def unblock(thread):
+        if os.path.exists(out) and not os.path.isfile(out):
+            for flags in (os.O_WRONLY | os.O_NONBLOCK, os.O_RDONLY | os.O_NONBLOCK):
+                try:
+                    os.close(os.open(out, flags))
+                except OSError:
+                    pass
+            thread.join(10)
 
-    def run():
-        try:
-            outcome["result"] = vlmlab.caption(target, out=out, progress=False)
-        except BaseException as err:  # noqa: BLE001
-            outcome["error"] = err
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    hung = t.is_alive()
-    if hung and os.path.exists(out) and not os.path.isfile(out):
-        for flags in (os.O_WRONLY | os.O_NONBLOCK, os.O_RDONLY | os.O_NONBLOCK):
-            try:
-                os.close(os.open(out, flags))
-            except OSError:
-                pass
-        t.join(10)
-    return hung, outcome
+    return _run_guarded(lambda: vlmlab.caption(target, out=out, progress=False), seconds, unblock)
 
 
 def test_4_a_fifo_as_journal_is_refused_at_once(tmp_path):
@@ -163,9 +153,9 @@ def two_cpu_replicas():
     return vlmlab.plan(None, gpus="2xcpu", strategy="replicate", dtype="float32")
 
 
-def _run_guarded(fn, seconds):
-    """Run fn in a thread; if it is still running after ``seconds``, wake stopped workers (SIGCONT)
-    so it can end, and report the hang."""
+def _run_guarded(fn, seconds, on_hang=None):
+    """Run fn in a thread; if it is still running after ``seconds``, call ``on_hang(thread)`` (by
+    default: wake stopped workers with SIGCONT and wait) so it can end, and report the hang."""
     outcome = {}
 
     def run():
@@ -179,10 +169,14 @@ def _run_guarded(fn, seconds):
     t.join(seconds)
     hung = t.is_alive()
     if hung:
-        for child in mp.active_children():
-            os.kill(child.pid, signal.SIGCONT)
-        t.join(120)
+        (on_hang or _wake_workers)(t)
     return hung, outcome
+
+
+def _wake_workers(thread):
+    for child in mp.active_children():
+        os.kill(child.pid, signal.SIGCONT)
+    thread.join(120)
 
 
 @pytest.mark.slow

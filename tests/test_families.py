@@ -123,7 +123,7 @@ def block(cls_name: str):
 
 
 def tree(entries: dict) -> nn.Module:
-    """A module tree from {dotted name: module}, with plain containers in between."""
+    """A module tree from {dotted name: module or parameter}, with plain containers in between."""
     root = nn.Module()
     for dotted, mod in entries.items():
         *parents, leaf = dotted.split(".")
@@ -132,7 +132,10 @@ def tree(entries: dict) -> nn.Module:
             if p not in parent._modules:
                 parent.add_module(p, nn.Module())
             parent = parent._modules[p]
-        parent.add_module(leaf, mod)
+        if isinstance(mod, nn.Parameter):
+            parent.register_parameter(leaf, mod)
+        else:
+            parent.add_module(leaf, mod)
     return root
 
 

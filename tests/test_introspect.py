@@ -9,6 +9,7 @@ import pytest
 import torch.nn as nn
 
 from tests import config_zoo
+from tests.test_families import tree
 from vlmlab.model import image_tokens, introspect
 
 SAMPLE = ["llava", "qwen2_vl", "idefics3", "paligemma", "blip-2", "mllama", "gemma3", "florence2", "kosmos-2",
@@ -272,22 +273,6 @@ def test_remote_code_ties_the_head_and_reads_dict_vision_configs(remote_folder):
         vlmlab.plan(s, "2x2GiB", device_map=untied)
 
 
-def _tree(entries: dict) -> nn.Module:
-    root = nn.Module()
-    for dotted, mod in entries.items():
-        *parents, leaf = dotted.split(".")
-        parent = root
-        for p in parents:
-            if p not in parent._modules:
-                parent.add_module(p, nn.Module())
-            parent = parent._modules[p]
-        if isinstance(mod, nn.Parameter):
-            parent.register_parameter(leaf, mod)
-        else:
-            parent.add_module(leaf, mod)
-    return root
-
-
 def test_sharecaptioner_and_omnilmm_trees_plan():
     import torch
     from types import SimpleNamespace
@@ -300,7 +285,7 @@ def test_sharecaptioner_and_omnilmm_trees_plan():
                                num_key_value_heads=2, intermediate_size=16, vocab_size=50)
 
     layer = type("InternLMDecoderLayer", (nn.Linear,), {})
-    share = _tree({"visual_encoder": nn.Linear(12, 12), "ln_vision": nn.LayerNorm(12), "Qformer": nn.Linear(12, 12),
+    share = tree({"visual_encoder": nn.Linear(12, 12), "ln_vision": nn.LayerNorm(12), "Qformer": nn.Linear(12, 12),
                    "query_tokens": nn.Parameter(torch.zeros(1, 32, 12)), "internlm_proj": nn.Linear(12, 8),
                    "internlm_model.model.embed_tokens": nn.Embedding(50, 8),
                    "internlm_model.model.layers": nn.ModuleList(layer(8, 8) for _ in range(4)),
@@ -315,7 +300,7 @@ def test_sharecaptioner_and_omnilmm_trees_plan():
     assert len(first) == 1
 
     omni_layer = type("MistralDecoderLayer", (nn.Linear,), {})
-    omni = _tree({"model.vision_tower": nn.Linear(12, 12), "model.resampler": nn.Linear(12, 8),
+    omni = tree({"model.vision_tower": nn.Linear(12, 12), "model.resampler": nn.Linear(12, 8),
                   "model.embed_tokens": nn.Embedding(50, 8),
                   "model.layers": nn.ModuleList(omni_layer(8, 8) for _ in range(3)), "model.norm": nn.LayerNorm(8),
                   "lm_head": nn.Linear(8, 50, bias=False)})
