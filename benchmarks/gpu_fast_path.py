@@ -33,6 +33,10 @@ def main(argv=None):
     ap.add_argument("--plain-batch", type=int, default=64)
     ap.add_argument("--plain-images", type=int, default=None, help="images for the plain runs (default: --images)")
     ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--prefill", default=None, help="FastGenerator prefill: blocks, decoder or eager (default: vlmlab's)")
+    ap.add_argument("--decode", default=None, help="FastGenerator decode: auto, graphs or eager (default: vlmlab's)")
+    ap.add_argument("--qwen-image-size", default="448x448",
+                    help="WxH of the qwen part's images: 448x448 is the 256 image tokens of issue 12's 17.9 images/s")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     parts = args.parts.split(",")
@@ -44,10 +48,14 @@ def main(argv=None):
     import transformers
 
     import vlmlab
+    from vlmlab.run import fast_generate
 
+    fast_generate.DEFAULT_PREFILL = args.prefill or fast_generate.DEFAULT_PREFILL
+    fast_generate.DEFAULT_DECODE = args.decode or fast_generate.DEFAULT_DECODE
     hw = vlmlab.gpus()
     out = {"env": {"date": datetime.date.today().isoformat(), "gpu": hw[0].name if len(hw) else "cpu",
-                   "torch": torch.__version__, "transformers": transformers.__version__},
+                   "torch": torch.__version__, "transformers": transformers.__version__,
+                   "prefill": fast_generate.DEFAULT_PREFILL, "decode": fast_generate.DEFAULT_DECODE},
            "args": vars(args), "results": {}}
     print(f"# {out['env']}", flush=True)
 
@@ -66,7 +74,8 @@ def main(argv=None):
     for part in parts:
         if part in ("llava", "qwen"):
             model = "llava-1.5-7b" if part == "llava" else "qwen2.5-vl-7b"
-            record(part, lambda: _vlmlab_bench(model, args))
+            size = tuple(int(v) for v in args.qwen_image_size.split("x")) if part == "qwen" else None
+            record(part, lambda: _vlmlab_bench(model, args, size))
         elif part.startswith("plain-"):
             record(f"{part}-b{args.plain_batch}", lambda: _plain(part.split("-")[1], args))
         elif part == "b1":
@@ -75,14 +84,15 @@ def main(argv=None):
     return out
 
 
-def _vlmlab_bench(model, args) -> dict:
+def _vlmlab_bench(model, args, image_size=None) -> dict:
     import vlmlab
 
     t0 = time.perf_counter()
     result = vlmlab.bench(model, strategies=["single"], random_weights=True, max_new_tokens=args.new_tokens,
-                          n_images=args.images, progress=False)
+                          n_images=args.images, progress=False, image_size=image_size)
     row = dict(result.rows[0])
     row["wall_s"] = time.perf_counter() - t0  # planning, loading, warm-up (compiling) and the timed images
+    row["image_size"] = image_size
     row.pop("peaks", None), row.pop("predicted", None)
     return row
 
@@ -159,7 +169,8 @@ def _batch1_decode(args, new_tokens: int = 128) -> dict:
         kv = cache_length(prompt, new_tokens) if gen is not None else prompt + new_tokens // 2
         gpu = vlmlab.gpus()[0]
         roof = decode_roofline_tokens_per_s(ms, gpu, 1, kv)
-        return {"generation": mode, "reason": reason, "first_call_s": first, "prefill_s": prefill,
+        return {"generation": mode, "reason": reason, "decode": getattr(gen, "decode_choice", None),
+                "compiled_blocks": getattr(gen, "blocks", None), "first_call_s": first, "prefill_s": prefill,
                 "tokens_per_s": tokens_per_s, "roofline_tokens_per_s": roof,
                 "pct_of_roofline": 100 * tokens_per_s / roof if roof else None,
                 "decode_gbs": tokens_per_s * decode_bytes(ms, 1, kv) / 1e9, "bytes_per_token": decode_bytes(ms, 1, kv)}

@@ -109,7 +109,7 @@ def test_static_cache_matches_eager_and_is_reused(tiny):
     import torch
 
     ms, model = tiny
-    gen = fg.FastGenerator(model, compile_prefill=False)
+    gen = fg.FastGenerator(model, prefill="eager")
     kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
     with torch.inference_mode():
         for seed in (0, 1):  # the second call resets and reuses the first call's cache
@@ -143,7 +143,7 @@ def test_compiled_prefill_is_on_the_decoder_only_during_a_call(tiny, monkeypatch
         return wrapped
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    gen = fg.FastGenerator(model)
+    gen = fg.FastGenerator(model, prefill="decoder")
     assert "forward" not in vars(decoder)
     with torch.inference_mode():
         gen.generate(_inputs(ms, 2), max_new_tokens=3, min_new_tokens=3, do_sample=False)
@@ -158,7 +158,7 @@ def test_an_error_lets_the_cache_go_and_keeps_the_last_good_batch(tiny, monkeypa
     import torch
 
     ms, model = tiny
-    gen = fg.FastGenerator(model, compile_prefill=False)
+    gen = fg.FastGenerator(model, prefill="eager")
     with torch.inference_mode():
         gen.generate(_inputs(ms, 2), max_new_tokens=2, do_sample=False)
         monkeypatch.setattr(model, "generate", lambda **kw: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
@@ -241,7 +241,7 @@ def test_a_longer_cache_of_the_same_batch_is_reused(tiny):
     import torch
 
     ms, model = tiny
-    gen, notes = fg.FastGenerator(model, compile_prefill=False), []
+    gen, notes = fg.FastGenerator(model, prefill="eager"), []
     gen.on_compile = notes.append
     with torch.inference_mode():
         gen.generate(_inputs(ms, 2), max_new_tokens=60, do_sample=False)
@@ -332,3 +332,50 @@ def test_bench_rows_say_which_path_ran_and_its_rates():
     assert row["generation"] == "eager" and "not on a GPU" in row["generation_reason"]
     assert row["batch_size"] == 3 and row["compile_s"] == 0.0  # 3 images: one batch of 3 (auto is 8 on the CPU)
     assert row["prefill_tflops"] > 0 and row["decode_gbs"] > 0 and row["wall_s"] >= row["seconds"]
+
+
+# ---- regional compilation and the decode choice --------------------------------------------------
+def test_stateless_blocks_of_every_layer_are_compiled_and_the_output_is_unchanged(tiny):
+    import torch
+
+    from vlmlab.run import compiled_blocks as cb
+
+    ms, model = tiny
+    layers = cb.decoder_layers(model)
+    assert layers is model.get_decoder().layers
+    assert [n for n, _ in cb.stateless_blocks(layers[0])] == ["mlp", "input_layernorm", "post_attention_layernorm"]
+    calls = []
+
+    def fake_compile(fn):  # inductor on two CPU cores takes minutes: record the calls instead
+        def wrapped(*a, **k):
+            calls.append(fn)
+            return fn(*a, **k)
+        return wrapped
+
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    inputs = _inputs(ms, 2)
+    with torch.inference_mode():
+        eager = model.generate(**inputs, **kw)
+        try:
+            assert cb.compile_blocks(model, fake_compile) == ["mlp", "input_layernorm", "post_attention_layernorm"]
+            compiled = model.generate(**inputs, **kw)
+        finally:
+            cb.uncompile(model)
+        assert torch.equal(compiled, eager)
+        assert len(calls) == 4 * 3 * len(layers)  # prefill + 3 decode steps, 3 blocks per layer
+        n = len(calls)
+        model.generate(**inputs, **kw)
+    assert len(calls) == n  # uncompiled again
+
+
+@pytest.mark.parametrize("cache_gb,graphs", [(0.3, True), (57, False)])
+def test_decode_plan_compiles_where_the_host_bounds_the_step(cache_gb, graphs):
+    chosen, why = fg.decode_plan(13.5e9, cache_gb * 1e9, 32, 4800)  # llava-1.5-7b on an H200: batch 1, batch 171
+    assert chosen is graphs
+    assert ("CUDA graphs" in why) is graphs and "ms of memory traffic" in why
+    assert fg.decode_plan(13.5e9, 0, 32, None)[0] is True  # unknown card: as before, compiled
+
+
+def test_fast_generator_refuses_unknown_modes(tiny):
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        fg.FastGenerator(tiny[1], prefill="all")

@@ -348,9 +348,13 @@ def _from_torch() -> Hardware | None:
     return Hardware(devices, "torch")
 
 
-def _bandwidth_of(name: str) -> float | None:
+def bandwidth_of(name: str) -> float | None:
+    """Datasheet memory bandwidth in GB/s of the card called ``name`` (as torch or NVML name it)."""
     key = _card_key(name)
     return CARDS[key][2] if key else None
+
+
+_bandwidth_of = bandwidth_of
 
 
 def _tflops_of(name: str) -> float | None:

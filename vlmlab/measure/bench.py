@@ -63,7 +63,8 @@ class BenchResult:
 
 def bench(model=None, strategies=("single", "replicate"), batch_sizes=None, gpus=None, images=None, n_images=None,
           max_new_tokens: int | None = None, dtype: str | None = None, random_weights: bool = False,
-          prompt: str | None = None, progress: bool = True, isolate: bool | None = None) -> BenchResult:
+          prompt: str | None = None, progress: bool = True, isolate: bool | None = None,
+          image_size=None) -> BenchResult:
     """Run the same images (default: the bundled samples) under each strategy and batch size.
 
     ``isolate=True`` runs ``single`` and ``split`` in a worker process too, so this process never
@@ -77,7 +78,8 @@ def bench(model=None, strategies=("single", "replicate"), batch_sizes=None, gpus
     Rows say which generation path ran (``generation``: "static+compile" or "eager", and why) and
     the compile cost (``compile_s``: the first call of each shape); with ``random_weights`` and one
     replica in this process, also the achieved prefill TFLOP/s and decode GB/s and their share of
-    the card's peak (``vlmlab.observe.roofline``)."""
+    the card's peak (``vlmlab.observe.roofline``). ``image_size`` (width, height): the image the
+    plan and the random-weight inputs assume (the planner's photo-sized default otherwise)."""
     from tqdm.auto import tqdm
 
     from vlmlab.plan.planner import _hardware, plan as make_plan
@@ -100,7 +102,8 @@ def bench(model=None, strategies=("single", "replicate"), batch_sizes=None, gpus
     bar = tqdm(runs, desc="bench", disable=not progress)
     for strategy, batch_size in bar:
         bar.set_postfix_str(f"{strategy} b{batch_size}")
-        p = make_plan(model, gpus=hw, strategy=strategy, dtype=dtype, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        p = make_plan(model, gpus=hw, strategy=strategy, dtype=dtype, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                      image_size=image_size)
         result.plans[(strategy, batch_size)] = p
         size = even_batches(n, p.batch_size) if batch_size == "auto" else batch_size
         note = (lambda text, label=f"{strategy} b{size}": bar.set_postfix_str(f"{label}: {text}", refresh=True))
@@ -153,6 +156,8 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, is
             rows, stats = workers.run_in_process(lm, payloads, job, kwargs)
             extra.update(wall_s=time.perf_counter() - t0, generation=mode, generation_reason=reason,
                          compile_s=sum(fast.compile_s.values()) if fast is not None else 0.0)
+            if fast is not None:
+                extra.update(decode=sorted(set(fast.decode_choice.values())), compiled_blocks=fast.blocks)
             if random_weights and rows and stats.busy_s:
                 extra.update(_rates(lm, p, batch_size, max_new_tokens, rows, mode))
         finally:

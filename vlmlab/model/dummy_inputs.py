@@ -30,20 +30,22 @@ def caption_inputs(spec, batch_size: int = 1, prompt_tokens: int = 16, device="c
     from vlmlab.model import image_tokens
 
     size = image_size or (tuple(spec.dims.image_size) if any(spec.dims.image_size) else None)
-    counted = image_tokens.count(spec.config, size, folder=spec.path)
+    counted = _counted(spec, size)
     if not counted.prompt_ids:
         raise image_tokens.ImageTokensUnknown(
             f"{spec.name}: its image tokens come from {counted.source}, not from a processor, so there is no "
             "prompt layout to copy for dummy inputs; load it from a folder with its processor files")
-    g = torch.Generator().manual_seed(seed)
+    # drawn where they are used: a batch of 171 photo-sized images is ~1 s of CPU time otherwise,
+    # which a benchmark would count as the model's
+    g = torch.Generator(device=device).manual_seed(seed)
     dtype = dtype or torch.float32
-    prompt = torch.tensor([counted.prompt_ids] * batch_size)
-    special = torch.tensor(sorted(set(counted.prompt_ids)))
+    prompt = torch.tensor([counted.prompt_ids] * batch_size, device=device)
+    special = torch.tensor(sorted(set(counted.prompt_ids)), device=device)
     text = torch.randint(_TEXT_IDS, max(spec.dims.vocab - _TEXT_IDS, _TEXT_IDS + 1), (batch_size, prompt_tokens),
-                         generator=g)
+                         generator=g, device=device)
     text[torch.isin(text, special)] = _TEXT_IDS  # never an image token or marker by chance
     ids = torch.cat([prompt, text], dim=1)
-    out = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     for key, value in counted.inputs.items():
         if not hasattr(value, "dtype"):
             continue
@@ -54,7 +56,19 @@ def caption_inputs(spec, batch_size: int = 1, prompt_tokens: int = 16, device="c
             out[key] = torch.cat([value.expand(batch_size, *value.shape[1:]), pad], dim=1).to(device)
         elif value.is_floating_point():
             shape = (value.shape[0] * batch_size, *value.shape[1:])
-            out[key] = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+            out[key] = torch.randn(shape, generator=g, device=device).to(dtype=dtype)
         else:
             out[key] = torch.cat([value] * batch_size, dim=0).to(device)
     return out
+
+
+def _counted(spec, size):
+    """The processor's output for one blank image at ``size``, counted once per spec and size:
+    building a processor takes longer than a batch of a small model."""
+    from vlmlab.model import image_tokens
+
+    kept = spec.__dict__.setdefault("_dummy_counts", {})
+    key = None if size is None else tuple(size)
+    if key not in kept:
+        kept[key] = image_tokens.count(spec.config, size, folder=spec.path)
+    return kept[key]

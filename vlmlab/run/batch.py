@@ -37,6 +37,7 @@ def caption_batch(loaded_model, images: list, prompt: str | None, max_new_tokens
         target = ModelTarget(lm, None, None)
         prompt = target.default_prompt() if prompt is None else prompt
         max_new_tokens = target.default_max_new_tokens() if max_new_tokens is None else max_new_tokens
+    from vlmlab.run.decode_loop import without_sync
     from vlmlab.run.fast_generate import generation_for, padded_size
 
     _, _, fast = generation_for(lm)
@@ -57,7 +58,7 @@ def caption_batch(loaded_model, images: list, prompt: str | None, max_new_tokens
         if fast is not None:
             output = fast.generate(inputs, max_new_tokens, **kw)
         else:
-            output = lm.model.generate(**inputs, max_new_tokens=max_new_tokens, **kw)
+            output = lm.model.generate(**inputs, max_new_tokens=max_new_tokens, **without_sync(lm.model, kw))
     new = output[:n, inputs["input_ids"].shape[1]:].cpu()
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
     eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id

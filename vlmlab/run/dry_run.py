@@ -14,6 +14,7 @@ def synthetic_batch(lm, n_images: int, batch_size: int = 1, max_new_tokens: int 
 
     from vlmlab.model.dummy_inputs import caption_inputs
     from vlmlab.run.batch import free_memory, is_oom
+    from vlmlab.run.decode_loop import without_sync
     from vlmlab.run.fast_generate import generation_for, padded_size
 
     spec, rows = lm.plan._spec(), []
@@ -28,7 +29,7 @@ def synthetic_batch(lm, n_images: int, batch_size: int = 1, max_new_tokens: int 
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                out = fast.generate(inputs, **kw) if fast is not None else lm.model.generate(**inputs, **kw)
+                out = fast.generate(inputs, **kw) if fast is not None else lm.model.generate(**inputs, **without_sync(lm.model, kw))
             if lm.input_device.startswith("cuda"):
                 torch.cuda.synchronize(lm.input_device)
         except Exception as err:  # noqa: BLE001 - out of memory: halve the batch and go on, as caption() does

@@ -1,23 +1,28 @@
-"""The fast generation path: a static KV cache and compiled prefill and decode on one GPU.
+"""The fast generation path: a static KV cache, compiled blocks and a host that never waits.
 
 ``choose_generation`` picks the path from what the model and its placement allow, and says why;
 ``FastGenerator`` runs ``generate`` on it:
 
 - one ``StaticCache`` per (batch, cache length), allocated and initialised before the first
-  forward (so torch marks its tensors as static addresses and the decode step can run as a CUDA
-  graph), reset and reused by every later call of that shape;
-- decode: transformers compiles the model's forward itself when the cache is static
-  (``mode="reduce-overhead"``: inductor kernels replayed as CUDA graphs);
-- prefill: the language model's forward is compiled too (``dynamic=False``), which fuses the
-  norms, rotary embeddings and MLP activations that eager prefill spends a fifth of its time on
-  (measured on an H200: llava-1.5-7b, batch 64, 0.95 s instead of 1.15 s);
+  forward (so torch marks its tensors as static addresses and a compiled decode step can run as a
+  CUDA graph), reset and reused by every later call of that shape;
+- decoding through ``vlmlab.run.decode_loop.greedy_without_sync``: ``generate``'s own loop
+  without its host sync per step, so the host queues step n+1 while the GPU runs step n;
+- the stateless blocks of every decoder layer (MLP, norms) are compiled once (regional
+  compilation: one graph serves all layers, seconds instead of a minute), which fuses the
+  activations and norms that eager prefill spends a fifth of its time on;
+- the decode step, per batch shape: where the host's Python for one step takes longer than the
+  GPU's memory traffic for it (small batches), transformers' compiled forward replayed as CUDA
+  graphs (``mode="reduce-overhead"``, tens of seconds to compile); where the GPU takes longer
+  (large batches: the static cache is read whole every step), eager steps cost no more and
+  compile nothing (``decode_plan``);
 - the cache length is rounded up to ``CACHE_BUCKET`` tokens and callers pad a last, smaller
   batch to the compiled batch size (``padded_size``), so that a run compiles each shape once.
 
-Compiling costs tens of seconds per shape the first time (37-51 s for a 7B decode step on an
-H200); ``FastGenerator.compile_s`` records it per shape and ``on_compile`` lets a progress bar
-say so. Anywhere else (the CPU, a model split over several GPUs, a model that does not declare
-``torch.compile`` support, a quantisation that cannot be compiled) it is plain eager ``generate``.
+``FastGenerator.compile_s`` records each shape's first call and ``on_compile`` lets a progress
+bar say so. Anywhere else (the CPU, a model split over several GPUs, a model that does not declare
+``torch.compile`` support, a quantisation that cannot be compiled) it is eager ``generate``
+(through the same loop without host syncs).
 """
 from __future__ import annotations
 
@@ -69,7 +74,8 @@ def choose_generation(model, devices, requested: str | None = "auto") -> tuple[s
         return EAGER, "eager generate was asked for"
     reason = _why_not_static(model, devices)
     if reason is None:
-        return STATIC, f"{type(model).__name__} on one GPU: static KV cache, compiled prefill and decode"
+        return STATIC, (f"{type(model).__name__} on one GPU: static KV cache, compiled blocks, decode steps "
+                        "compiled as CUDA graphs where the host would bound them")
     if requested == STATIC:
         raise ValueError(f"generation='static+compile' is not possible here: {reason}")
     return EAGER, reason
@@ -100,25 +106,59 @@ def cache_keyword(forward) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+#: the host's Python per decoder layer and decode step in eager mode (transformers 5, a recent
+#: server CPU); a step runs no faster than layers x this without CUDA graphs
+HOST_S_PER_LAYER = 0.5e-3
+#: share of the datasheet memory bandwidth a decode step reaches
+ACHIEVED_BANDWIDTH = 0.8
+PREFILLS = ("blocks", "decoder", "eager")
+DECODES = ("auto", "graphs", "eager")
+#: what ``generation_for`` builds (benchmarks set these to compare the variants)
+DEFAULT_PREFILL, DEFAULT_DECODE = "blocks", "auto"
+
+
+def decode_plan(weight_bytes: float, cache_bytes: float, layers: int, bandwidth_gbs: float | None) -> tuple[bool, str]:
+    """``(graphs, why)``: replay the decode step as CUDA graphs (compiled, tens of seconds once)
+    where the host's Python would bound the step, else eager steps (nothing to compile). A step
+    reads every weight once and the static cache whole."""
+    if not bandwidth_gbs:
+        return True, "unknown memory bandwidth: decode step compiled as CUDA graphs"
+    gpu_s = (weight_bytes + cache_bytes) / (ACHIEVED_BANDWIDTH * bandwidth_gbs * 1e9)
+    host_s = layers * HOST_S_PER_LAYER
+    numbers = f"~{1e3 * gpu_s:.1f} ms of memory traffic vs ~{1e3 * host_s:.1f} ms of host work per step"
+    if gpu_s < host_s:
+        return True, f"decode step compiled as CUDA graphs: the host would bound it ({numbers})"
+    return False, f"decode steps eager, no compile: the GPU bounds them ({numbers})"
+
+
 class FastGenerator:
     """``generate`` on the static-cache path for one model on one GPU; reuse it across calls.
 
-    The compiled prefill is put on the language model only for the length of a call, so that an
-    eager ``generate`` of the same model (profiling, say) never runs it."""
+    ``prefill``: ``"blocks"`` compiles the stateless blocks of every layer (seconds),
+    ``"decoder"`` the whole language model per shape (a minute), ``"eager"`` nothing.
+    ``decode``: ``"auto"`` (``decode_plan`` per batch shape), ``"graphs"`` or ``"eager"``.
+    A compiled decoder prefill is put on the language model only for the length of a call, so that
+    an eager ``generate`` of the same model (profiling, say) never runs it."""
 
-    def __init__(self, model, on_compile=None, compile_prefill: bool = True):
+    def __init__(self, model, on_compile=None, prefill: str = "blocks", decode: str = "auto"):
+        if prefill not in PREFILLS or decode not in DECODES:
+            raise ValueError(f"prefill must be one of {PREFILLS} and decode one of {DECODES}, got {prefill!r}, {decode!r}")
         self.model = model
         self.on_compile = on_compile  # called with a message before a shape compiles
         self.compile_s: dict[tuple[int, int], float] = {}  # (batch, cache length) -> first call's seconds
+        self.decode_choice: dict[tuple[int, int], str] = {}  # (batch, cache length) -> how it decodes, and why
         self.batch_size: int | None = None  # the batch of the last call that succeeded: pad smaller ones to it
+        self.blocks: list[str] = []  # the compiled blocks of one layer ("mlp", "input_layernorm" ...)
+        self.decode = decode
         self._cache = None
         self._cache_key = None
         self._cache_kw = cache_keyword(type(model).forward)
-        # a cache allocated lazily inside the compiled prefill would not be a static address, and the
-        # decode step would lose its CUDA graph: compile the prefill only where the cache can be made first
+        # a cache allocated lazily inside a compiled forward would not be a static address, and the
+        # decode step would lose its CUDA graph: compile only where the cache can be made first
         self._init_shape = getattr(model, "_get_static_cache_init_shape", lambda: None)()
         self._decoder = self._prefill = None
-        if compile_prefill and self._init_shape is not None:
+        self._prefill_mode = prefill if self._init_shape is not None else "eager"
+        if self._prefill_mode == "decoder":
             self._compile_prefill()
 
     def _compile_prefill(self):
@@ -131,7 +171,7 @@ class FastGenerator:
         self._decoder, self._prefill = decoder, torch.compile(decoder.forward, dynamic=False)
 
     def close(self):
-        """Let go of the cache and the compiled prefill."""
+        """Let go of the cache and the compiled prefill (compiled blocks stay: they cost no memory)."""
         self._decoder = self._prefill = None
         self._cache = self._cache_key = None
         self.batch_size = None
@@ -141,6 +181,9 @@ class FastGenerator:
         On an error (out of memory, say) the cache is let go before the error propagates."""
         import torch
 
+        from vlmlab.run.compiled_blocks import compile_blocks
+        from vlmlab.run.decode_loop import without_sync
+
         batch, prompt = (int(n) for n in inputs["input_ids"].shape[:2])
         key = (batch, cache_length(prompt, max_new_tokens))
         if self._cache_key is not None and self._cache_key[0] == batch and self._cache_key[1] >= key[1]:
@@ -149,11 +192,16 @@ class FastGenerator:
         if first and self.on_compile is not None:
             self.on_compile(f"compiling for batch {key[0]}, {key[1]} cache tokens (once per shape)...")
         t0 = time.perf_counter()
+        if self._prefill_mode == "blocks" and not self.blocks:
+            self.blocks = compile_blocks(self.model) or ["(none)"]
         if self._prefill is not None:
             vars(self._decoder)["forward"] = self._prefill
         try:
             cache = self._cache_for(key)
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **{self._cache_kw: cache}, **kwargs)
+            graphs = self._graphs_for(key, cache)
+            kwargs = without_sync(self.model, kwargs)
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, disable_compile=not graphs,
+                                      **{self._cache_kw: cache}, **kwargs)
         except BaseException:
             self._cache = self._cache_key = None
             raise
@@ -168,6 +216,44 @@ class FastGenerator:
                 self.on_compile(f"compiled for batch {key[0]} in {self.compile_s[key]:.0f} s")
         self.batch_size = key[0]
         return out
+
+    def _graphs_for(self, key, cache) -> bool:
+        if self.decode != "auto" or self._prefill_mode == "decoder":  # a compiled decoder decodes compiled
+            graphs = self.decode != "eager"
+            self.decode_choice.setdefault(key, f"decode {'as CUDA graphs' if graphs else 'eager'} (asked for)")
+            return graphs
+        if key not in self.decode_choice:
+            graphs, why = decode_plan(*self._step_bytes(cache), self._layers(), self._bandwidth())
+            self.decode_choice[key] = why
+        return "CUDA graphs" in self.decode_choice[key]
+
+    def _step_bytes(self, cache) -> tuple[int, int]:
+        model = self.model
+        try:
+            weights = sum(p.numel() * p.element_size() for p in model.get_decoder().parameters())
+        except (AttributeError, ValueError, NotImplementedError):
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        head = model.get_output_embeddings()
+        weights += 0 if head is None else head.weight.numel() * head.weight.element_size()
+        kv = sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", [])
+                 for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
+        return weights, kv
+
+    def _layers(self) -> int:
+        from vlmlab.run.compiled_blocks import decoder_layers
+
+        layers = decoder_layers(self.model)
+        return len(layers) if layers is not None else 1
+
+    def _bandwidth(self) -> float | None:
+        from vlmlab.hardware import bandwidth_of
+
+        device = self.model.device
+        if device.type != "cuda":
+            return None
+        import torch
+
+        return bandwidth_of(torch.cuda.get_device_name(device))
 
     def _cache_for(self, key):
         if self._cache_key == key:
@@ -188,7 +274,6 @@ class FastGenerator:
         return cache
 
 
-
 def generation_for(loaded_model, requested: str | None = "auto") -> tuple[str, str, FastGenerator | None]:
     """``(mode, reason, generator)`` for a LoadedModel, decided once and kept on it, so that every
     batch of a run (and every later run) reuses the same cache and compiled graphs. The generator
@@ -199,7 +284,8 @@ def generation_for(loaded_model, requested: str | None = "auto") -> tuple[str, s
     kept = loaded_model.__dict__.setdefault("_generation", {})
     if requested not in kept:
         mode, reason = choose_generation(loaded_model.model, loaded_model.devices, requested)
-        kept[requested] = (mode, reason, FastGenerator(loaded_model.model) if mode == STATIC else None)
+        fast = FastGenerator(loaded_model.model, prefill=DEFAULT_PREFILL, decode=DEFAULT_DECODE) if mode == STATIC else None
+        kept[requested] = (mode, reason, fast)
     return kept[requested]
 
 

@@ -1,0 +1,76 @@
+"""greedy_without_sync: generate's greedy loop without a host sync per step gives generate's tokens
+(every family goes through it in test_families_caption, since caption_batch uses it)."""
+from __future__ import annotations
+
+import pytest
+
+from vlmlab.run import decode_loop
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlmlab.model.spec import spec
+
+    ms = spec("vlmlab/tiny-captioner")
+    model = AutoModelForImageTextToText.from_pretrained(ms.path, dtype=torch.float32).eval()
+    return ms, model
+
+
+def _inputs(ms, batch=3, seed=0):
+    from vlmlab.model.dummy_inputs import caption_inputs
+
+    return caption_inputs(ms, batch, prompt_tokens=6, seed=seed)
+
+
+def _run(model, inputs, **kw):
+    import torch
+
+    with torch.inference_mode():
+        return model.generate(**inputs, do_sample=False, **kw)
+
+
+def test_same_tokens_as_generate_with_rows_stopping_at_different_steps(tiny):
+    ms, model = tiny
+    inputs = _inputs(ms)
+    prompt = inputs["input_ids"].shape[1]
+    free = _run(model, inputs, max_new_tokens=6, min_new_tokens=6)[:, prompt:]
+    stop = int(free[0, 2])  # row 0 stops after 3 tokens; the others when (if) they write it
+    pad = next(t for t in range(5, 1000) if t not in free.tolist()[0] + [stop])
+    kw = dict(max_new_tokens=2 * decode_loop.CHECK_EVERY + 3, eos_token_id=stop, pad_token_id=pad)
+    plain = _run(model, inputs, **kw)
+    lean = _run(model, inputs, custom_generate=decode_loop.greedy_without_sync, **kw)
+    n = min(plain.shape[1], lean.shape[1])
+    assert (plain[0, prompt:prompt + 3] == free[0, :3]).all() and plain[0, prompt + 3:].eq(pad).all()
+    assert lean[:, :n].equal(plain[:, :n])
+    assert lean[:, n:].eq(pad).all() and plain[:, n:].eq(pad).all()  # only trailing pad columns may differ
+    assert lean.shape[1] - plain.shape[1] < decode_loop.CHECK_EVERY
+
+
+def test_stops_at_the_next_check_once_every_row_has_stopped(tiny):
+    ms, model = tiny
+    inputs = _inputs(ms, batch=2)
+    prompt = inputs["input_ids"].shape[1]
+    first = _run(model, inputs, max_new_tokens=1)[:, prompt]
+    kw = dict(max_new_tokens=5 * decode_loop.CHECK_EVERY, eos_token_id=first.tolist(), pad_token_id=0)
+    lean = _run(model, inputs, custom_generate=decode_loop.greedy_without_sync, **kw)
+    assert lean.shape[1] == prompt + decode_loop.CHECK_EVERY  # both rows stopped at step 1: one check later it ends
+    assert lean[:, prompt + 1:].eq(0).all()
+
+
+def test_without_sync_only_where_it_applies(tiny):
+    _, model = tiny
+    assert decode_loop.without_sync(model, {"do_sample": False})["custom_generate"] is decode_loop.greedy_without_sync
+    for kw in ({"do_sample": True}, {"num_beams": 2}, {"streamer": object()}, {"custom_generate": len}):
+        assert decode_loop.without_sync(model, kw) == kw
+    own = type("RemoteCodeModel", (type(model),), {"generate": lambda self, **kw: None})
+    assert "custom_generate" not in decode_loop.without_sync(own.__new__(own), {})
+
+
+def test_refuses_sampling(tiny):
+    ms, model = tiny
+    with pytest.raises(ValueError, match="decodes greedily"):
+        _run(model, _inputs(ms, 1), max_new_tokens=2, custom_generate=decode_loop.greedy_without_sync,
+             num_beams=2)

@@ -1,0 +1,74 @@
+"""Greedy decoding in which the host never waits for the GPU between steps.
+
+transformers' ``generate`` asks the GPU after every step whether all rows have finished
+(``unfinished_sequences.max() == 0`` in ``_sample``), so the host cannot queue step n+1 while
+step n runs: at batch 1 the GPU sits idle for the host's share of every step (the Python of
+``prepare_inputs_for_generation``, the logits processors and the launch of the CUDA graph).
+``greedy_without_sync`` is that same loop, run by ``generate`` itself through its
+``custom_generate`` hook (so every family's input preparation, prefill and cache handling stay
+transformers' own), with the stop check read once every ``CHECK_EVERY`` steps instead.
+
+Rows that finished keep receiving the pad token, exactly as in ``generate``; the only visible
+difference is that the output may end with up to ``CHECK_EVERY - 1`` more columns of pad tokens
+after every row has stopped (callers cut captions at the first stop token anyway).
+"""
+from __future__ import annotations
+
+#: steps between two reads of "has every row stopped?" (each read makes the host wait for the GPU)
+CHECK_EVERY = 8
+
+
+def greedy_without_sync(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                        synced_gpus=False, streamer=None, **model_kwargs):
+    """A ``custom_generate`` callable for ``model.generate``: greedy search without a host sync per
+    step. Sampling, beams, streamers and multi-process generation are left to ``generate``."""
+    import torch
+
+    if generation_config.do_sample or (generation_config.num_beams or 1) > 1 or streamer is not None or synced_gpus:
+        raise ValueError("greedy_without_sync decodes greedily on one process without a streamer; "
+                         "call generate without custom_generate for sampling, beams or streaming")
+    pad = generation_config._pad_token_tensor
+    has_eos = any(hasattr(criterion, "eos_token_id") for criterion in stopping_criteria)
+    if has_eos and pad is None:
+        raise ValueError("generation with a stop token needs a pad token for the rows that stop first")
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    if pad is not None:
+        pad = pad.to(input_ids.device)
+    forward = (model.get_compiled_call(generation_config.compile_config)
+               if model._valid_auto_compile_criteria(model_kwargs, generation_config) else model.__call__)
+    outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
+    max_length = stopping_criteria.max_length
+    steps = 0
+    with model._optimize_model_for_decode():
+        while True:
+            if steps:
+                step_inputs = model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
+                outputs = forward(**step_inputs, return_dict=True)
+            model_kwargs = model._update_model_kwargs_for_generation(
+                outputs, model_kwargs, is_encoder_decoder=model.config.is_encoder_decoder)
+            logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
+            del outputs  # the prefill's logits can be large: let them go before the next step
+            next_tokens = torch.argmax(logits_processor(input_ids, logits), dim=-1)
+            if has_eos:
+                next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
+            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+            unfinished = unfinished & ~stopping_criteria(input_ids, None)
+            steps += 1
+            if max_length is not None and input_ids.shape[1] >= max_length:
+                break
+            if steps % CHECK_EVERY == 0 and not bool(unfinished.any()):  # the only host sync
+                break
+    return input_ids
+
+
+def without_sync(model, kwargs: dict) -> dict:
+    """``kwargs`` for ``model.generate`` with ``custom_generate=greedy_without_sync`` added where it
+    applies: greedy search, no streamer, and transformers' own ``generate`` (remote code that
+    overrides it takes its own keywords)."""
+    from transformers import GenerationMixin
+
+    greedy = not kwargs.get("do_sample") and kwargs.get("num_beams", 1) == 1 and "streamer" not in kwargs
+    native = getattr(type(model), "generate", None) is GenerationMixin.generate
+    if greedy and native and "custom_generate" not in kwargs:
+        return {**kwargs, "custom_generate": greedy_without_sync}
+    return kwargs
