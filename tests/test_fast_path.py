@@ -379,3 +379,31 @@ def test_decode_plan_compiles_where_the_host_bounds_the_step(cache_gb, graphs):
 def test_fast_generator_refuses_unknown_modes(tiny):
     with pytest.raises(ValueError, match="prefill must be one of"):
         fg.FastGenerator(tiny[1], prefill="all")
+
+
+def test_a_failing_compile_falls_back_to_eager_blocks_and_says_why(tiny, monkeypatch):
+    import torch
+
+    from vlmlab.run import compiled_blocks as cb
+
+    ms, model = tiny
+
+    def broken_compile(fn):
+        def wrapped(*a, **k):
+            raise RuntimeError("inductor: no C++ compiler")
+        return wrapped
+
+    real = cb.compile_blocks
+    monkeypatch.setattr(cb, "compile_blocks", lambda m: real(m, broken_compile))
+    gen = fg.FastGenerator(model, prefill="blocks")
+    inputs = _inputs(ms, 2)
+    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    with torch.inference_mode():
+        out = gen.generate(inputs, **kw)
+        assert torch.equal(out, model.generate(**inputs, **kw))
+    assert gen.blocks == ["(none)"] and "compiled blocks failed (RuntimeError: inductor" in gen.fallbacks[0]
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in model.modules())
+    with pytest.raises(RuntimeError, match="out of memory"):  # memory is not a compile problem: no retry
+        monkeypatch.setattr(model, "generate", lambda **k: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
+        gen.generate(_inputs(ms, 3), **kw)
+

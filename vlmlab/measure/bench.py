@@ -157,7 +157,8 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, is
             extra.update(wall_s=time.perf_counter() - t0, generation=mode, generation_reason=reason,
                          compile_s=sum(fast.compile_s.values()) if fast is not None else 0.0)
             if fast is not None:
-                extra.update(decode=sorted(set(fast.decode_choice.values())), compiled_blocks=fast.blocks)
+                extra.update(decode=sorted(set(fast.decode_choice.values())), compiled_blocks=fast.blocks,
+                             fallbacks=fast.fallbacks)
             if random_weights and rows and stats.busy_s:
                 extra.update(_rates(lm, p, batch_size, max_new_tokens, rows, mode))
         finally:

@@ -149,6 +149,7 @@ class FastGenerator:
         self.decode_choice: dict[tuple[int, int], str] = {}  # (batch, cache length) -> how it decodes, and why
         self.batch_size: int | None = None  # the batch of the last call that succeeded: pad smaller ones to it
         self.blocks: list[str] = []  # the compiled blocks of one layer ("mlp", "input_layernorm" ...)
+        self.fallbacks: list[str] = []  # compiles that failed, and what runs instead
         self.decode = decode
         self._cache = None
         self._cache_key = None
@@ -202,8 +203,10 @@ class FastGenerator:
             kwargs = without_sync(self.model, kwargs)
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, disable_compile=not graphs,
                                       **{self._cache_kw: cache}, **kwargs)
-        except BaseException:
+        except BaseException as err:
             self._cache = self._cache_key = None
+            if first and self._give_up_a_compile(err):
+                return self.generate(inputs, max_new_tokens, **kwargs)
             raise
         finally:
             if self._decoder is not None:
@@ -216,6 +219,25 @@ class FastGenerator:
                 self.on_compile(f"compiled for batch {key[0]} in {self.compile_s[key]:.0f} s")
         self.batch_size = key[0]
         return out
+
+    def _give_up_a_compile(self, err) -> bool:
+        """After a first call failed for another reason than memory: drop the compiled blocks, else
+        the compiled decode, note why in ``fallbacks``, and say whether a retry makes sense."""
+        from vlmlab.run.compiled_blocks import uncompile
+
+        if not isinstance(err, Exception) or "out of memory" in str(err).lower():
+            return False
+        why = f"{type(err).__name__}: {str(err)[:200]}"
+        if self.blocks and self.blocks != ["(none)"]:
+            uncompile(self.model)
+            self.blocks = ["(none)"]
+            self.fallbacks.append(f"compiled blocks failed ({why}); they run eager")
+            return True
+        if self.decode != "eager":
+            self.decode, self.decode_choice = "eager", {}
+            self.fallbacks.append(f"compiled decode failed ({why}); decode steps run eager")
+            return True
+        return False
 
     def _graphs_for(self, key, cache) -> bool:
         if self.decode != "auto" or self._prefill_mode == "decoder":  # a compiled decoder decodes compiled
