@@ -326,7 +326,7 @@ def test_profile_reports_achieved_rates_on_the_cpu():
 def test_bench_rows_say_which_path_ran_and_its_rates():
     import vlmlab
 
-    r = vlmlab.bench(None, strategies=["single"], gpus="cpu", random_weights=True, n_images=3, max_new_tokens=3,
+    r = vlmlab.bench(None, strategies=["single"], gpus="cpu", random_weights=True, n_images=3, max_new_tokens=12,
                      progress=False, isolate=False)
     row = r.rows[0]
     assert row["generation"] == "eager" and "not on a GPU" in row["generation_reason"]
