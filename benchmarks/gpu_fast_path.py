@@ -169,7 +169,8 @@ def _batch1_decode(args, new_tokens: int = 128) -> dict:
         kv = cache_length(prompt, new_tokens) if gen is not None else prompt + new_tokens // 2
         gpu = vlmlab.gpus()[0]
         roof = decode_roofline_tokens_per_s(ms, gpu, 1, kv)
-        return {"generation": mode, "reason": reason, "decode": getattr(gen, "decode_choice", None),
+        return {"generation": mode, "reason": reason,
+                "decode": {str(k): v for k, v in getattr(gen, "decode_choice", {}).items()},
                 "compiled_blocks": getattr(gen, "blocks", None), "first_call_s": first, "prefill_s": prefill,
                 "tokens_per_s": tokens_per_s, "roofline_tokens_per_s": roof,
                 "pct_of_roofline": 100 * tokens_per_s / roof if roof else None,

@@ -362,7 +362,7 @@ def test_stateless_blocks_of_every_layer_are_compiled_and_the_output_is_unchange
         finally:
             cb.uncompile(model)
         assert torch.equal(compiled, eager)
-        assert len(calls) == 4 * 3 * len(layers)  # prefill + 3 decode steps, 3 blocks per layer
+        assert len(calls) == 3 * len(layers)  # the prefill only: decode steps (one token a row) run eager blocks
         n = len(calls)
         model.generate(**inputs, **kw)
     assert len(calls) == n  # uncompiled again

@@ -44,16 +44,27 @@ def compile_blocks(model, compile_fn=None) -> list[str]:
     layers = decoder_layers(model)
     if layers is None:
         return []
+    import torch
+
     names = []
     for layer in layers:
         for name, block in stateless_blocks(layer):
-            if compile_fn is None:
-                block.compile()  # dynamic shapes after the first recompile: prompt lengths vary
-            else:
-                block._compiled_call_impl = compile_fn(block._call_impl)
+            # dynamic shapes after the first recompile: prompt lengths vary
+            compiled = compile_fn(block._call_impl) if compile_fn is not None else torch.compile(block._call_impl)
+            block._compiled_call_impl = _prompts_only(compiled, block._call_impl)
             if layer is layers[0]:
                 names.append(name)
     return names
+
+
+def _prompts_only(compiled, eager):
+    """The compiled block for a prefill (many tokens a row), the eager one for a decode step (one
+    token a row): there the host's guard checks per call cost more than fusing saves, and a step
+    compiled whole (CUDA graphs) traces the eager code anyway."""
+    def call(hidden, *args, **kwargs):
+        many = getattr(hidden, "dim", lambda: 0)() >= 2 and hidden.shape[-2] > 1
+        return (compiled if many else eager)(hidden, *args, **kwargs)
+    return call
 
 
 def uncompile(model) -> None:

@@ -106,9 +106,10 @@ def cache_keyword(forward) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-#: the host's Python per decoder layer and decode step in eager mode (transformers 5, a recent
-#: server CPU); a step runs no faster than layers x this without CUDA graphs
-HOST_S_PER_LAYER = 0.5e-3
+#: the host's Python per decoder layer and eager decode step: 29.3 ms for llava-1.5-7b's 32 layers
+#: at batch 171 on an H200 host (transformers 5.17; benchmarks/results/gpu_fast_path.txt), where
+#: the GPU needed ~18.5 ms; a step runs no faster than layers x this without CUDA graphs
+HOST_S_PER_LAYER = 0.9e-3
 #: share of the datasheet memory bandwidth a decode step reaches
 ACHIEVED_BANDWIDTH = 0.8
 PREFILLS = ("blocks", "decoder", "eager")
