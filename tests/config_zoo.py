@@ -1,6 +1,7 @@
 """A test set of configs for every image-text-to-text model type transformers can build here.
 
-Each config is transformers' own default for the ``model_type`` (``AutoConfig.for_model``), made
+Each config is transformers' own default for the ``model_type`` (``AutoConfig.for_model``; a vision
+sub-config the default leaves None gets its class's default), made
 small by a generic shrink: every (sub-)config's layer counts become 2 (per-layer lists such as
 ``layer_types`` are dropped so the config re-derives them), so module trees build on the meta
 device in a fraction of a second while widths, head counts, vocabularies and image geometry stay
@@ -56,13 +57,22 @@ def build_config(model_type: str, small: bool = True):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = AutoConfig.for_model(model_type)
+        config = _with_vision(AutoConfig.for_model(model_type))
         if not small:
             return config
         d = _shrink(copy.deepcopy(config.to_dict()), SMALL_LAYERS)
         d.pop("model_type", None)
         d.pop("transformers_version", None)
         return AutoConfig.for_model(model_type, **d)
+
+
+def _with_vision(config):
+    """A default config whose vision sub-config is left None (Gemma 4: the text-only variant) gets its
+    config class's own default vision config, as its image-text checkpoints have."""
+    for key, cls in (getattr(config, "sub_configs", None) or {}).items():
+        if "vision" in key and getattr(config, key, None) is None and isinstance(cls, type):
+            setattr(config, key, cls())
+    return config
 
 
 def zoo(small: bool = True, types=None):

@@ -7,15 +7,16 @@ Hub config, a random-weight dry run) the processor class transformers registers 
 ``model_type`` is built locally: its image processor from its own defaults, with the sizes the
 model config states (vision ``image_size``, ``patch_size`` ...), and a minimal tokenizer that
 knows the family's special tokens under the ids the config gives them. A blank image of the asked
-size goes through it, and the image token ids are counted. Nothing here copies one family's
-formula to another; a model whose processor cannot be built is refused with what was missing.
+size goes through it, and the image token ids are counted. Where no processor can count them, the
+meta-device model's own image path does (``meta_image_path``). Nothing here copies one family's
+formula to another; a model that neither can count is refused with what was missing.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vlmlab.model.local_processor import (ProcessorUnavailable, _config_count, _config_id, _first_int, _image_id_fix,
-                                          _kind, _sub, _with_tokenizer, build_processor)
+from vlmlab.model.local_processor import (_TOKEN_ATTR, ProcessorUnavailable, _config_count, _config_id, _first_int,
+                                          _image_id_fix, _kind, _sub, _token_names, _with_tokenizer, build_processor)
 
 # Dynamic-resolution families (Qwen2-VL, Idefics3, LLaVA-NeXT ...) turn a larger image into more
 # tokens; unless told otherwise, plans assume a typical photo of this size (width, height).
@@ -53,25 +54,25 @@ def normalise_size(image_size) -> tuple[int, int]:
     return (w, h)
 
 
-def count(config, image_size=None, folder=None, model=None) -> ImageTokens:
+def count(config, image_size=None, folder=None, model=None, vision=()) -> ImageTokens:
     """Image tokens per image for ``config`` at ``image_size`` (width, height): by the family's
-    processor; else the count the config states; else (``model``: the meta-device model) by running
-    the model's own image path on one image at the vision tower's native size."""
+    processor; else the count the config states; else (``model``: the meta-device model, ``vision``:
+    its vision tower's module names) by running the model's own image path on the meta device."""
     size = normalise_size(image_size)
-    return _count(config, size, folder, model)
+    return _count(config, size, folder, model, tuple(vision))
 
 
 META_PATH = "model image path on meta"
 
 
-def _count(config, size, folder, model=None):
+def _count(config, size, folder, model=None, vision=()):
     try:
         return _count_with_processor(config, size, folder)
     except ProcessorUnavailable as err:
         fixed = _config_count(config)  # BLIP-2's query tokens: stated by the config, whatever the image
         if fixed is None:
             if model is not None:
-                return _meta_path(model, config, size, str(err))
+                return _meta_path(model, config, size, str(err), vision)
             raise ImageTokensUnknown(str(err)) from None
         vc = _sub(config, "vision_config")  # the encoder still sees every patch of its input size
         side, patch = _first_int(getattr(vc, "image_size", None)), _first_int(getattr(vc, "patch_size", None))
@@ -85,15 +86,23 @@ def _count_with_processor(config, size, folder):
     if token_id is None:
         raise ImageTokensUnknown(f"{_kind(config)}: its processor {type(processor).__name__} names no image token, "
                                  "so the image tokens per image cannot be counted; pass image_tokens=N")
+    failed = None
     try:
         with_image = _run(processor, size, with_image=True)
     except Exception as err:  # noqa: BLE001 - a processor that wants a chat template or other inputs
+        failed = f"{type(err).__name__}: {str(err)[:160]}"
+        with_image = _without_placeholder(processor, size)
+        rebuilt = _with_unset_tokens(processor, config) if with_image is None else None
+        if rebuilt is not None:  # it checks special tokens it read as None from the tokenizer (Gemma 4's boa)
+            processor, with_image = rebuilt, _without_placeholder(rebuilt, size, placeholder=True)
+    if with_image is None:
         raise ImageTokensUnknown(f"{_kind(config)}: its processor {type(processor).__name__} did not process a "
-                                 f"plain prompt with one image ({type(err).__name__}: {str(err)[:160]}); "
-                                 "pass image_tokens=N") from None
+                                 f"plain prompt with one image ({failed}); pass image_tokens=N")
     ids = with_image["input_ids"][0].tolist()
     n = sum(1 for i in ids if i == token_id)
-    fix = _image_id_fix(processor, config, getattr(processor, "_vlmlab_tokens", None)) if n == 0 else {}
+    tokens = getattr(processor, "_vlmlab_tokens", None)
+    fix = _image_id_fix(processor, config, tokens) if n == 0 else \
+        _repeated_token_fix(processor, tokens, token_id, ids, n)
     if fix:  # the processor writes another token per image feature: give it the config's id
         tokens = {**processor._vlmlab_tokens, **fix}
         processor = _with_tokenizer(type(processor).__mro__[1], processor.image_processor, config, tokens)
@@ -102,7 +111,7 @@ def _count_with_processor(config, size, folder):
         n = sum(1 for i in ids if i == token_id)
     try:
         text_only = len(_run(processor, size, with_image=False)["input_ids"][0])
-    except ValueError:  # a processor that wants an image with every prompt (PaliGemma)
+    except (ValueError, TypeError):  # a processor that wants an image with every prompt (PaliGemma, PI0)
         text_only = len(ids) - n
     if n == 0:
         raise ImageTokensUnknown(f"{_kind(config)}: its processor {type(processor).__name__} wrote no image token "
@@ -131,13 +140,60 @@ def _vision_tokens(inputs: dict, config) -> int:
 
 
 
-def _run(processor, size, with_image: bool):
+# an image placeholder written once next to a token repeated at least this often (a patch grid, not
+# begin/end markers) is a placeholder: the features go where the repeated token is
+PATCH_RUN = 16
+
+
+def _repeated_token_fix(processor, tokens, token_id, ids, n) -> dict:
+    """Llama 4 writes its ``<|image|>`` placeholder once and ``<|patch|>`` once per feature, and the
+    model's image id is the patch token's: when the config's id was given to a token written once and
+    another special token of the processor's is written PATCH_RUN times or more, that one gets the id."""
+    if n != 1 or not tokens:
+        return {}
+    by_id = {processor.tokenizer.convert_tokens_to_ids(text): text for text in tokens}
+    counts = {}
+    for i in ids:
+        if i != token_id and i in by_id:
+            counts[by_id[i]] = counts.get(by_id[i], 0) + 1
+    text = max(counts, key=counts.get) if counts else None
+    if text is None or counts[text] < PATCH_RUN:
+        return {}
+    return {text: token_id, **{t: -1 for t, i in tokens.items() if i == token_id}}  # -1: a fresh id
+
+
+def _without_placeholder(processor, size, placeholder=False):
+    """The processor's output for a prompt without the image placeholder, for processors that put
+    the image tokens in themselves (Florence-2); None if that fails too."""
+    try:
+        return _run(processor, size, with_image=True, placeholder=placeholder)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _with_unset_tokens(processor, config):
+    """The processor rebuilt with a tokenizer that also defines each special token it read as None
+    (``boa_token`` ...), under the config's id for it; None if it does not build."""
+    unset = [m.group(1) for a, v in vars(processor).items() if v is None and (m := _TOKEN_ATTR.match(a))]
+    if not unset or not hasattr(processor, "_vlmlab_tokens"):
+        return None
+    tokens = dict(processor._vlmlab_tokens)
+    for name in unset:
+        _token_names[f"<{name}>"] = name
+        tokens[f"<{name}>"] = _config_id(config, name)
+    try:
+        return _with_tokenizer(type(processor).__mro__[1], processor.image_processor, config, tokens)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _run(processor, size, with_image: bool, placeholder: bool = True):
     from PIL import Image
 
     image_token = getattr(processor, "image_token", None)
     if with_image:
         image = Image.new("RGB", size, (120, 110, 100))
-        text = f"{image_token} {PROMPT}" if isinstance(image_token, str) else PROMPT
+        text = f"{image_token} {PROMPT}" if isinstance(image_token, str) and placeholder else PROMPT
         return processor(text=[text], images=[image], return_tensors="pt")
     return processor(text=[PROMPT], return_tensors="pt")
 
@@ -155,34 +211,14 @@ def _image_token_id(processor, config):
     return None
 
 
-def _meta_path(model, config, size, why: str) -> ImageTokens:
-    """Run ``get_image_features`` of the meta-device model on one image of the vision tower's native
-    size and count the features it returns: what the model scatters into the prompt for it."""
-    import torch
+def _meta_path(model, config, size, why: str, vision=()) -> ImageTokens:
+    """Count the features the meta-device model's own image path makes for one image
+    (``meta_image_path``): what it scatters into the prompt, or what its text side attends to."""
+    from vlmlab.model.meta_image_path import MetaPathFailed, count as run_on_meta
 
-    vc = _sub(config, "vision_config")
-    side = _first_int(getattr(vc, "image_size", None))
-    features = getattr(model, "get_image_features", None)
-    if not side or features is None:
-        raise ImageTokensUnknown(f"{why}; and the model has no get_image_features / vision image_size to run its "
-                                 "image path on the meta device") from None
-    channels = getattr(vc, "num_channels", None) or 3
-    import inspect
-
-    extra = {}
-    if "image_sizes" in inspect.signature(features).parameters:  # (height, width) of each image, on the CPU
-        extra["image_sizes"] = torch.tensor([[side, side]])
     try:
-        with torch.no_grad():
-            out = features(pixel_values=torch.zeros(1, channels, side, side, device="meta"), **extra)
-    except Exception as err:  # noqa: BLE001 - it needs more than pixels (image sizes, grids) or real data
-        raise ImageTokensUnknown(f"{why}; running its image path on the meta device failed too ({type(err).__name__}: "
-                                 f"{str(err)[:120]})") from None
-    out = getattr(out, "pooler_output", out)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not hasattr(out, "shape") or out.dim() < 2:
-        raise ImageTokensUnknown(f"{why}; its image path returned no feature tensor on the meta device") from None
-    n = int(out.shape[-2])
-    return ImageTokens(n, n, (side, side), f"{META_PATH} ({side}x{side}, one image; its processor may tile larger "
-                       "images into more tokens)", _config_id(config, "image"), n)
+        n, patches, run, how = run_on_meta(model, config, size, vision)
+    except (MetaPathFailed, ProcessorUnavailable) as err:
+        raise ImageTokensUnknown(f"{why}; and {err}") from None
+    return ImageTokens(n, patches, run, f"{META_PATH} ({run[0]}x{run[1]}, one image; {how})",
+                       _config_id(config, "image"), n)

@@ -53,8 +53,10 @@ def _class_names(mapping, model_type):
     value = mapping.get(model_type)
     if value is None:
         return []
-    if isinstance(value, dict):  # transformers >= 5.2x: {"pil": ..., "torchvision": ...}
-        return [value[k] for k in ("pil", "torchvision", *value) if value.get(k)]
+    if isinstance(value, dict):  # transformers >= 5.2x: {"pil": ..., "torchvision": ...}; the torchvision one
+        # first, as AutoImageProcessor picks it where torchvision is installed (without it, it is not importable
+        # or falls back to the PIL class)
+        return list(dict.fromkeys(value[k] for k in ("torchvision", "pil", *value) if value.get(k)))
     if isinstance(value, (list, tuple)):
         return [v for v in value if v]
     return [value]
@@ -72,25 +74,40 @@ def _resolve(names):
             yield cls
 
 
-def _local_processor(config):
+def _registered(model_type):
+    """(processor class names, image processor class names) transformers registers for the type; a
+    part it lacks is looked up under the types that share its processor class, then under the types
+    defined in the same transformers package (an omni model's "thinker" and the omni model)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
-    model_type = getattr(config, "model_type", None)
     proc_names = _class_names(PROCESSOR_MAPPING_NAMES, model_type)
     image_names = _class_names(IMAGE_PROCESSOR_MAPPING_NAMES, model_type)
     if proc_names and not image_names:  # its processor class is registered; its image processor under a sibling type
-        for other, names in PROCESSOR_MAPPING_NAMES.items():
+        for other in PROCESSOR_MAPPING_NAMES:
             if other != model_type and set(_class_names(PROCESSOR_MAPPING_NAMES, other)) & set(proc_names):
                 image_names = _class_names(IMAGE_PROCESSOR_MAPPING_NAMES, other)
                 if image_names:
                     break
-    if not proc_names or not image_names:
-        missing = "processor class" if not proc_names else "image processor class"
-        raise ProcessorUnavailable(f"{_kind(config)}: transformers registers no {missing} for it, so its image tokens "
-                                 "cannot be counted from the config; load it from a folder with its processor files "
-                                 "or pass image_tokens=N")
-    errors = []
+    if model_type in CONFIG_MAPPING_NAMES and not (proc_names and image_names):
+        package = model_type_to_module_name(model_type)
+        for other in CONFIG_MAPPING_NAMES:
+            if other != model_type and model_type_to_module_name(other) == package:
+                proc_names = proc_names or _class_names(PROCESSOR_MAPPING_NAMES, other)
+                image_names = image_names or _class_names(IMAGE_PROCESSOR_MAPPING_NAMES, other)
+    return proc_names, image_names
+
+
+def image_processor_for(config):
+    """The image processor transformers registers for the config's type, built from its defaults with
+    the sizes the config states and checked on one image; ProcessorUnavailable if none can be."""
+    return _image_processors(config, _registered(getattr(config, "model_type", None))[1], [])[0]
+
+
+def _image_processors(config, image_names, errors):
+    """Every registered image processor class that builds and runs here (at least one, or raise)."""
+    built = []
     for image_cls in _resolve(image_names):
         try:
             image_processor = image_cls(**_image_processor_kwargs(image_cls, config))
@@ -98,6 +115,26 @@ def _local_processor(config):
         except Exception as err:  # noqa: BLE001 - e.g. a torchvision-only class without torchvision
             errors.append(f"{image_cls.__name__}: {type(err).__name__}: {str(err)[:120]}")
             continue
+        built.append(image_processor)
+    if not built:
+        why = "; ".join(errors) or f"none of {image_names or 'its image processors'} can be imported here"
+        raise ProcessorUnavailable(f"{_kind(config)}: no image processor could be built locally ({why})")
+    return built
+
+
+def _local_processor(config):
+    proc_names, image_names = _registered(getattr(config, "model_type", None))
+    if not proc_names or not image_names:
+        missing = "processor class" if not proc_names else "image processor class"
+        raise ProcessorUnavailable(f"{_kind(config)}: transformers registers no {missing} for it, so its image tokens "
+                                 "cannot be counted from the config; load it from a folder with its processor files "
+                                 "or pass image_tokens=N")
+    errors = []
+    try:
+        image_processors = _image_processors(config, image_names, errors)
+    except ProcessorUnavailable:
+        image_processors = []
+    for image_processor in image_processors:
         for proc_cls in _resolve(proc_names):
             try:
                 return _with_tokenizer(proc_cls, image_processor, config)
@@ -115,12 +152,17 @@ def _blank():
     return Image.new("RGB", (64, 48))
 
 
+# image-processor steps that need an optional library and do not change the image (UDOP's OCR of
+# the words in it, pytesseract): turned off to count image tokens
+OPTIONAL_STEPS = {"apply_ocr": False}
+
+
 def _image_processor_kwargs(cls, config) -> dict:
     """The image processor's own size settings, set to what the model config says where it says it."""
     vc = _sub(config, "vision_config")
-    out = {}
+    out = {k: v for k, v in OPTIONAL_STEPS.items() if hasattr(cls, k)}
     image_size = _first_int(getattr(vc, "image_size", None))
-    defaults = cls()
+    defaults = cls(**out)
     for key in ("patch_size", "temporal_patch_size", "merge_size", "spatial_merge_size"):
         value = getattr(vc, key, None)
         if value is None or not hasattr(defaults, key):
@@ -212,7 +254,7 @@ def _tokenizer(tokens: dict, config):
     specials = []
     for text, wanted in tokens.items():
         if wanted is None or wanted in used or wanted < 0:
-            while fresh in used:
+            while fresh in used or fresh in reserved:  # never an id the config gives a later token
                 fresh -= 1
             wanted = fresh
         vocab[text] = wanted
@@ -246,6 +288,12 @@ def _with_tokenizer(proc_cls, image_processor, config, tokens=None):
         try:
             processor = lenient(image_processor=image_processor, tokenizer=tokenizer,
                                 **_other_parts(proc_cls, tokenizer), **kwargs)
+        except KeyError as err:  # it looks a token up in the vocabulary by its text (Fuyu's '|SPEAKER|')
+            text = err.args[0] if err.args else None
+            if not isinstance(text, str) or text in tokens or " " in text:
+                raise
+            tokens[text] = None
+            continue
         except (AttributeError, ValueError) as err:
             match = re.search(r"(?:has no attribute|missing required attribute) '?(\w+?)_token(_id)?\b", str(err))
             if not match:
@@ -255,6 +303,9 @@ def _with_tokenizer(proc_cls, image_processor, config, tokens=None):
             _token_names[text] = name
             tokens[text] = _config_id(config, name)
             continue
+        for attr, value in list(vars(processor).items()):  # read at construction; None from here on
+            if isinstance(value, _Absent):
+                setattr(processor, attr, None)
         new = _processor_tokens(processor, config, tokens)
         if not new:
             processor._vlmlab_tokens = dict(tokens)
@@ -263,11 +314,22 @@ def _with_tokenizer(proc_cls, image_processor, config, tokens=None):
     raise RuntimeError("the processor kept asking for new special tokens")
 
 
+class _Absent:
+    """Stands in for a part an image-and-text call never uses (a video processor, an audio feature
+    extractor): the processor may read its settings at construction (MiniCPM-V reads the video
+    processor's ``slice_mode``); each reads as None."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+
 def _lenient(proc_cls):
-    """``proc_cls`` that accepts None for the parts an image-and-text call never uses (a video
+    """``proc_cls`` that accepts a stand-in for the parts an image-and-text call never uses (a video
     processor or an audio feature extractor, which may need libraries that are not installed)."""
     def check(self, name, argument):
-        if argument is None:
+        if argument is None or isinstance(argument, _Absent):
             return None
         return proc_cls.check_argument_for_proper_class(self, name, argument)
 
@@ -282,7 +344,9 @@ def _other_parts(proc_cls, tokenizer) -> dict:
             continue
         if name.endswith("tokenizer"):
             out[name] = tokenizer
-        elif p.default is inspect.Parameter.empty or name in ("video_processor", "feature_extractor"):
+        elif name in ("video_processor", "feature_extractor"):
+            out[name] = _Absent()
+        elif p.default is inspect.Parameter.empty:
             out[name] = None
     return out
 
@@ -292,7 +356,8 @@ def _processor_tokens(processor, config, known: dict) -> dict:
     new = {}
     for attr, value in vars(processor).items():
         m = _TOKEN_ATTR.match(attr)
-        if m and isinstance(value, str) and value and value not in known and " " not in value:
+        if m and isinstance(value, str) and value and " " not in value and (
+                value not in known or known[value] is None and _config_id(config, m.group(1)) is not None):
             _token_names.setdefault(value, m.group(1))
             new[value] = _config_id(config, m.group(1))
     return new
@@ -308,7 +373,7 @@ def _image_id_fix(processor, config, tokens) -> dict:
     if not isinstance(written, str) or written not in tokens:
         return {}
     out = {written: cid}
-    out.update({text: None for text, i in tokens.items() if i == cid and text != written})
+    out.update({text: -1 for text, i in tokens.items() if i == cid and text != written})  # -1: a fresh id
     return out
 
 

@@ -69,7 +69,8 @@ class ModelSpec:
             return self
         cache = self.__dict__.setdefault("_at", {})
         if (size, given) not in cache:
-            image, source, error = _image_tokens(self.config, self.family, size, self.path, given, self.modules)
+            image, source, error = _image_tokens(self.config, self.family, size, self.path, given, self.modules,
+                                                 self.roles.get("vision", ()))
             dims = read_dims(self.config, self.dims.layers, _cross_layers(self.config), image)
             dims.vision_tokens += _class_tokens(self) if image is not None and image.vision_tokens else 0
             dims.vision_rotary = self.dims.vision_rotary
@@ -207,7 +208,8 @@ def build(name: str, config, source: str, path=None, hub_id=None, trust_remote_c
     units, params = _units(modules, found, tied)
     from vlmlab.model.image_tokens import normalise_size
 
-    image, counted_by, error = _image_tokens(config, fam, normalise_size(image_size), path, image_tokens, modules)
+    image, counted_by, error = _image_tokens(config, fam, normalise_size(image_size), path, image_tokens, modules,
+                                             found["vision"])
     n_layers = sum(1 for u in units if u.layer is not None)
     try:
         dims = read_dims(config, n_layers, _cross_layers(config), image)
@@ -231,6 +233,11 @@ def _vision_rotary(spec) -> bool:
 
 def _roles_message(name, config, fam, missing, names) -> str:
     model_type = getattr(config, "model_type", None)
+    if "vision" in missing and not fam.override and _text_only(config):
+        return (f"{name}: model_type {model_type!r} builds no vision tower here: its config "
+                f"({type(config).__name__}) has no vision config (None or absent), so this is a text-only "
+                "configuration; vlmlab plans models that read images (give a config with a vision config, as "
+                "the family's image-text checkpoints have, or name the modules with roles=...)")
     archs = sorted(getattr(config, "architectures", None) or ())
     what = f"the {fam.name} adapter found no {', '.join(missing)} module in this model" if fam.override else \
         (f"vlmlab has no family adapter for model_type {model_type!r} (architectures {archs}) and could not read "
@@ -244,13 +251,23 @@ def _roles_message(name, config, fam, missing, names) -> str:
             f"remote-code overrides: {', '.join(known_overrides())}.")
 
 
+def _text_only(config) -> bool:
+    """No sub-config of the config describes a vision or image encoder."""
+    try:
+        values = config.to_dict().items()
+    except Exception:  # noqa: BLE001 - a remote config that cannot serialise: do not claim anything
+        return False
+    return not any(isinstance(v, dict) and v and any(w in k for w in ("vision", "visual", "image", "encoder"))
+                   for k, v in values)
+
+
 def _cross_layers(config):
     from vlmlab.model.dims import text_config
 
     return introspect.layer_value(text_config(config), "cross_attention_layers")
 
 
-def _image_tokens(config, fam, size, path, given, modules=None):
+def _image_tokens(config, fam, size, path, given, modules=None, vision=()):
     """(ImageTokens or None, source, error): given > override entry > the model's own processor."""
     from vlmlab.model import image_tokens as it
 
@@ -262,7 +279,7 @@ def _image_tokens(config, fam, size, path, given, modules=None):
         n = fam.image_tokens or getattr(config, fam.image_tokens_field or "", None) or 64
         return it.ImageTokens(int(n), int(n), size, "override", None, int(n)), f"override ({fam.name})", None
     try:
-        image = it.count(config, size, folder=path, model=modules)
+        image = it.count(config, size, folder=path, model=modules, vision=vision)
     except it.ImageTokensUnknown as err:
         return None, "unknown", str(err)
     return image, image.source, None
