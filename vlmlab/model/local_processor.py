@@ -356,8 +356,7 @@ def _processor_tokens(processor, config, known: dict) -> dict:
     new = {}
     for attr, value in vars(processor).items():
         m = _TOKEN_ATTR.match(attr)
-        if m and isinstance(value, str) and value and " " not in value and (
-                value not in known or known[value] is None and _config_id(config, m.group(1)) is not None):
+        if m and isinstance(value, str) and value and value not in known and " " not in value:
             _token_names.setdefault(value, m.group(1))
             new[value] = _config_id(config, m.group(1))
     return new
