@@ -83,7 +83,7 @@ def test_meta_path_failure_is_a_specific_refusal(meta, monkeypatch):
 def test_processor_repairs():
     fuyu = config_zoo.build_config("fuyu")  # FuyuProcessor reads vocab['|SPEAKER|'] in its constructor
     processor = local_processor._local_processor(fuyu)
-    assert processor.image_token_id == fuyu.image_token_id
+    assert processor.image_token == "|SPEAKER|" and "|SPEAKER|" in processor.tokenizer.get_vocab()
     udop = local_processor.image_processor_for(config_zoo.build_config("udop"))  # OCR needs pytesseract
     assert udop.apply_ocr is False
     for model_type in ("minicpmv4_6", "gemma4"):  # video processor settings; boa/eoa tokens read as None
@@ -131,3 +131,16 @@ def test_a_placeholder_written_once_next_to_a_patch_run_gives_the_patch_token_th
     assert image_tokens._repeated_token_fix(processor, tokens, 9000, llama4_ids, 1) == \
         {"<|patch|>": 9000, "<|image|>": -1}
     assert image_tokens._repeated_token_fix(processor, tokens, 9000, [1, 9000, end, 2], 1) == {}
+
+
+def test_the_image_path_beats_a_stale_config_count_and_an_encoder_does_not():
+    """PP-Chart2Table's config says image_seq_length 576, its image path makes 256 features (GOT-OCR 2's
+    processor writes 256); InstructBLIP-Video has no get_image_features, and its Q-Former's 32 query
+    tokens (the config's count), not the vision encoder's 257 outputs, are what its text model sees."""
+    from vlmlab.model.spec import build
+
+    chart = build("pp_chart2table", config_zoo.build_config("pp_chart2table"), "config")
+    assert chart.dims.image_tokens == 256 and chart.image_tokens_source.startswith(image_tokens.META_PATH)
+    assert image_tokens.count(config_zoo.build_config("got_ocr2"), (1024, 768)).per_image == 256
+    video = build("instructblipvideo", config_zoo.build_config("instructblipvideo"), "config")
+    assert video.dims.image_tokens == 32 and video.image_tokens_source.startswith("config")

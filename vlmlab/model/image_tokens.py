@@ -56,8 +56,8 @@ def normalise_size(image_size) -> tuple[int, int]:
 
 def count(config, image_size=None, folder=None, model=None, vision=()) -> ImageTokens:
     """Image tokens per image for ``config`` at ``image_size`` (width, height): by the family's
-    processor; else the count the config states; else (``model``: the meta-device model, ``vision``:
-    its vision tower's module names) by running the model's own image path on the meta device."""
+    processor; else (``model``: the meta-device model, ``vision``: its vision tower's module names) by
+    running the model's own image path on the meta device; else the count the config states."""
     size = normalise_size(image_size)
     return _count(config, size, folder, model, tuple(vision))
 
@@ -69,15 +69,23 @@ def _count(config, size, folder, model=None, vision=()):
     try:
         return _count_with_processor(config, size, folder)
     except ProcessorUnavailable as err:
-        fixed = _config_count(config)  # BLIP-2's query tokens: stated by the config, whatever the image
-        if fixed is None:
-            if model is not None:
-                return _meta_path(model, config, size, str(err), vision)
-            raise ImageTokensUnknown(str(err)) from None
-        vc = _sub(config, "vision_config")  # the encoder still sees every patch of its input size
-        side, patch = _first_int(getattr(vc, "image_size", None)), _first_int(getattr(vc, "patch_size", None))
-        patches = (side // patch) ** 2 if side and patch else fixed
-        return ImageTokens(fixed, patches, size, "config (a fixed count per image)", _config_id(config, "image"), fixed)
+        why = str(err)
+    fixed = _config_count(config)  # BLIP-2's query tokens: stated by the config, whatever the image
+    # the model's own image path first: a config's count field can be a stale default (GOT-OCR 2's
+    # image_seq_length says 576; its image path makes 256 features); a vision encoder's output only where the
+    # config states no count (InstructBLIP-Video's Q-Former makes its 32 query tokens of them)
+    if model is not None:
+        try:
+            return _meta_path(model, config, size, why, vision if fixed is None else ())
+        except ImageTokensUnknown:
+            if fixed is None:
+                raise
+    if fixed is None:
+        raise ImageTokensUnknown(why) from None
+    vc = _sub(config, "vision_config")  # the encoder still sees every patch of its input size
+    side, patch = _first_int(getattr(vc, "image_size", None)), _first_int(getattr(vc, "patch_size", None))
+    patches = (side // patch) ** 2 if side and patch else fixed
+    return ImageTokens(fixed, patches, size, "config (a fixed count per image)", _config_id(config, "image"), fixed)
 
 
 def _count_with_processor(config, size, folder):

@@ -30,7 +30,8 @@ class MetaPathFailed(ValueError):
 
 def count(model, config, size, vision=()) -> tuple[int, int, tuple[int, int], str]:
     """(features per image, patches inside the encoder, (width, height) run, how) for one image of
-    ``size`` (width, height); ``vision``: the vision tower's module names (introspect roles)."""
+    ``size`` (width, height); ``vision``: the vision tower's module names (introspect roles), run
+    where the model has no get_image_features (empty: get_image_features only)."""
     import torch
 
     fn, what, tower = _image_path(model, vision)
