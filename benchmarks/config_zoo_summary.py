@@ -7,6 +7,11 @@ projector / embeddings on one device, tied weights on one device, image tokens f
 own processor or config) or is refused with a specific message; anything else is a crash.
 
     python benchmarks/config_zoo_summary.py [--json benchmarks/results/config_zoo.json]
+
+Image processors that need torchvision build only where it imports, so the environment (torch,
+torchvision, transformers) is printed first and stored in the json. Committed runs: without
+torchvision (this repo's CI environment) -> results/config_zoo.{txt,json}; with torchvision (as
+on a GPU machine) -> results/config_zoo_torchvision.{txt,json}.
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ def main():
     transformers.logging.set_verbosity_error()
     from tests import config_zoo
 
+    env = environment()
+    print("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     types = args.types.split(",") if args.types else config_zoo.image_text_types()
     rows = []
     t0 = time.time()
@@ -50,7 +57,7 @@ def main():
     counts = collections.Counter(r["outcome"] for r in buildable)
     planned = [r for r in buildable if r["outcome"] == "plan"]
     summary = {
-        "date": datetime.date.today().isoformat(), "transformers": transformers.__version__,
+        "date": datetime.date.today().isoformat(), "transformers": transformers.__version__, "environment": env,
         "types": len(types), "rows": len(rows), "buildable": len(buildable),
         "unbuildable": sorted(r["model_type"] for r in rows if r["outcome"] == "unbuildable"),
         "plan": counts["plan"], "refused": counts["refused"], "crash": counts["crash"],
@@ -58,6 +65,7 @@ def main():
         "refused_for_image_tokens": sum(str(r.get("message", "")).startswith("ImageTokensUnknown") for r in buildable),
         "of_which_need_torchvision": sum("Torchvision" in str(r.get("message", "")) for r in buildable),
         "plan_once_image_tokens_given": sum(r.get("plans_with_image_tokens") is True for r in buildable),
+        "image_tokens_by": dict(collections.Counter(str(r["image_tokens_source"]).split(" (")[0] for r in planned)),
         "silent_borrowings": sum(r["borrowed"] for r in planned),
         "coverage_failures": sum(not r["covered"] for r in planned),
         "colocation_failures": sum(not r["colocated"] for r in planned),
@@ -67,6 +75,32 @@ def main():
     print(json.dumps(summary, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1, default=str))
+
+
+def environment() -> dict:
+    """The versions the counts depend on: image processors that need torchvision are only built
+    where it imports."""
+    import platform
+
+    import torch
+    import transformers
+
+    try:
+        import torchvision
+
+        vision = torchvision.__version__
+    except Exception as err:  # noqa: BLE001 - not installed, or a build that does not match torch
+        vision = f"not importable ({type(err).__name__})"
+    import os
+    import subprocess
+
+    import vlmlab
+
+    root = Path(vlmlab.__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or os.environ.get("VLMLAB_COMMIT", "unknown")
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": vision,
+            "transformers": transformers.__version__, "vlmlab": f"{root} at {commit}"}
 
 
 if __name__ == "__main__":
