@@ -106,7 +106,7 @@ def _from_config(vc, size, params):
         return _to_meta(inputs), (w * patch, h * patch), "the vision config (patch and merge sizes)"
     if side and not sizes:  # a fixed-size tower: the processor resizes every image (or tile) to it
         return _to_meta({"pixel_values": torch.zeros(1, channels, side, side)}), (side, side), \
-            "the vision config (its image_size)"
+            "the vision config's image_size; a processor that tiles larger images makes more"
     merge = getattr(vc, "spatial_merge_size", None) or 1
     w, h = (_round(v, patch * merge) for v in size)
     inputs = {"pixel_values": torch.zeros(1, channels, h, w)}
