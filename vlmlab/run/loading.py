@@ -136,6 +136,9 @@ def load(model=None, gpus=None, strategy: str = "single", dtype: str | None = No
     else:
         model_obj, processor = _pretrained(ms, dm, p.dtype, trust_remote_code, allow_pickle)
     model_obj.eval()
+    from vlmlab.run.packed_attention import use_packed_attention
+
+    use_packed_attention(model_obj)  # windowed vision towers: one SDPA call per window length, not per window
     lm = LoadedModel(p.model, model_obj, processor, p, p.dtype, devices, random_weights, replica=replica)
     _REGISTRY.append(lm)
     return lm
