@@ -50,6 +50,22 @@ def test_meta_path_with_a_grid_counts_what_the_processor_counts(meta, model_type
         assert "vision config" in how and n == image_tokens.count(config, size).per_image, size
 
 
+@pytest.mark.parametrize("model_type, patch, merge", [
+    ("kimi_k25", 14, 2),  # merge_kernel_size [2, 2]; patches as (C, p, p) tiles, not rows
+    ("mistral3", 14, 2),  # its code moves image_sizes to the model's device, then reads them: kept on the CPU
+    ("lfm2_vl", 16, 2),  # NaFlex rows with a pixel_attention_mask, selected by a boolean mask (meta nonzero)
+    ("minicpm_ocr", 16, 2),  # target_sizes in patches; get_image_features of the inner model (*args wrapper)
+])
+def test_meta_path_from_the_config_for_dynamic_towers(meta, model_type, patch, merge, monkeypatch):
+    """Without its image processor (torchvision-only here), the model's own path counts one feature per
+    merged window of the image's patches, the image rounded to whole windows."""
+    config, model = meta(model_type)
+    monkeypatch.setattr(meta_image_path, "image_processor_for", _unavailable)
+    n, _, run, how = meta_image_path.count(model, config, (1024, 768))
+    windows = [round(side / (patch * merge)) for side in (1024, 768)]
+    assert "vision config" in how and n == windows[0] * windows[1], (n, run, how)
+
+
 def _unavailable(config):
     raise local_processor.ProcessorUnavailable("no image processor in this test")
 

@@ -22,6 +22,7 @@ GRID_ARGS = ("image_grid_thw", "image_grid_hw", "grid_thw")  # flattened patches
 # (height, width) per image, in pixels or in patches
 SIZE_ARGS = {"image_sizes": "pixels", "spatial_shapes": "patches", "target_sizes": "patches"}
 TEMPORAL_KEYS = ("temporal_patch_size", "patch_temporal")  # patches stacked over time (Qwen-style rows)
+MERGE_KEYS = ("spatial_merge_size", "merge_size", "merge_kernel_size")  # patches merged per side
 
 
 class MetaPathFailed(ValueError):
@@ -38,13 +39,16 @@ def count(model, config, size, vision=()) -> tuple[int, int, tuple[int, int], st
     params = inspect.signature(inspect.unwrap(getattr(fn, "forward", fn))).parameters
     vc = getattr(tower, "config", None) if tower is not None else None
     vc = vc if vc is not None and getattr(vc, "patch_size", None) is not None else _sub(config, "vision_config")
-    inputs, run, made_by = _inputs(config, vc, size, params)
-    try:
-        with torch.no_grad(), _meta_mix():
-            out = fn(**inputs)
-    except Exception as err:  # noqa: BLE001 - it reads values a meta tensor has not (data-dependent shapes)
-        raise MetaPathFailed(f"running its {what} on the meta device failed ({type(err).__name__}: "
-                             f"{str(err)[:120]})") from None
+    failed = None
+    for inputs, run, made_by in _inputs(config, vc, size, params):
+        try:
+            with torch.no_grad(), _meta_mix(), _all_kept():
+                out = fn(**inputs)
+            break
+        except Exception as err:  # noqa: BLE001 - it reads values a meta tensor has not (data-dependent shapes)
+            failed = failed or f"{type(err).__name__}: {str(err)[:120]}"
+    else:
+        raise MetaPathFailed(f"running its {what} on the meta device failed ({failed})")
     n = _rows(out, pooled=tower is None)
     if not n:
         raise MetaPathFailed(f"its {what} returned no feature tensor on the meta device")
@@ -71,8 +75,8 @@ def _only_varargs(fn) -> bool:
     return kinds <= {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
 
 
-def _inputs(config, vc, size, params):
-    """(keyword inputs, (width, height) they stand for, where they came from)."""
+def _inputs(config, vc, size, params) -> list:
+    """Candidate (keyword inputs, (width, height) they stand for, where they came from), best first."""
     from PIL import Image
 
     try:
@@ -80,13 +84,16 @@ def _inputs(config, vc, size, params):
         made = image_processor(images=[Image.new("RGB", size, (120, 110, 100))], return_tensors="pt")
         inputs = {k: v for k, v in made.items() if k in params and hasattr(v, "dtype")}
         if inputs.keys() & {"pixel_values", "flattened_patches"}:
-            return _to_meta(inputs), size, f"its image processor {type(image_processor).__name__}"
+            return [(_to_meta(inputs), size, f"its image processor {type(image_processor).__name__}")]
     except ProcessorUnavailable:
         pass
-    return _from_config(vc, size, params)
+    return _from_config(vc, size, params, config)
 
 
-def _from_config(vc, size, params):
+def _from_config(vc, size, params, config=None) -> list:
+    """Inputs made from the vision config. Flattened patches come in one of the two layouts
+    transformers' image processors write (a row of C*t*p*p values, or a (C, p, p) tile per patch):
+    both are candidates, tried in that order."""
     import torch
 
     patch = _first_int(getattr(vc, "patch_size", None))
@@ -98,21 +105,38 @@ def _from_config(vc, size, params):
         raise MetaPathFailed(f"its image path takes {sorted(params)} and the vision config states no patch size "
                              "to make them from")
     if grid:  # Qwen-style: flattened patches, one row per patch, grouped by merge windows
-        merge = getattr(vc, "spatial_merge_size", None) or getattr(vc, "merge_size", None) or 1
+        merge = _merge(vc, config)
         temporal = next((getattr(vc, k) for k in TEMPORAL_KEYS if getattr(vc, k, None)), 1)
         h, w = (_round(v, patch * merge) // patch for v in (size[1], size[0]))
-        inputs = {"pixel_values": torch.zeros(h * w, channels * temporal * patch * patch),
-                  grid: torch.tensor([[1, h, w]] if grid.endswith("thw") else [[h, w]])}
-        return _to_meta(inputs), (w * patch, h * patch), "the vision config (patch and merge sizes)"
+        grids = {grid: torch.tensor([[1, h, w]] if grid.endswith("thw") else [[h, w]])}
+        layouts = [(h * w, channels * temporal * patch * patch)] + [(h * w, channels, patch, patch)] * (temporal == 1)
+        how = "the vision config (patch and merge sizes); its processor may resize differently"
+        return [(_to_meta({"pixel_values": torch.zeros(*shape), **grids}), (w * patch, h * patch), how)
+                for shape in layouts]
     if side and not sizes:  # a fixed-size tower: the processor resizes every image (or tile) to it
-        return _to_meta({"pixel_values": torch.zeros(1, channels, side, side)}), (side, side), \
-            "the vision config's image_size; a processor that tiles larger images makes more"
-    merge = getattr(vc, "spatial_merge_size", None) or 1
+        return [(_to_meta({"pixel_values": torch.zeros(1, channels, side, side)}), (side, side),
+                 "the vision config's image_size; a processor that tiles larger images makes more")]
+    merge = _merge(vc, config)
     w, h = (_round(v, patch * merge) for v in size)
     inputs = {"pixel_values": torch.zeros(1, channels, h, w)}
+    if "pixel_attention_mask" in params:  # NaFlex (SigLIP 2): one row per patch, a mask over the rows
+        rows = (h // patch) * (w // patch)
+        inputs = {"pixel_values": torch.zeros(1, rows, channels * patch * patch),
+                  "pixel_attention_mask": torch.ones(1, rows, dtype=torch.long)}
     for key in sizes:
         inputs[key] = torch.tensor([[h // patch, w // patch]] if SIZE_ARGS[key] == "patches" else [[h, w]])
-    return _to_meta(inputs), (w, h), "the vision config (patch size, the image's own size)"
+    return [(_to_meta(inputs), (w, h), "the vision config (patch size, the image's own size); its processor may "
+             "resize or tile differently")]
+
+
+def _merge(vc, config=None) -> int:
+    """Patches merged per side into one feature (Qwen's spatial_merge_size, Kimi's merge_kernel_size),
+    stated by the vision config or the model config (Mistral 3)."""
+    for cfg in (vc, config):
+        value = next((_first_int(getattr(cfg, k)) for k in MERGE_KEYS if getattr(cfg, k, None)), None)
+        if value:
+            return value
+    return 1
 
 
 def _round(value: int, unit: int) -> int:
@@ -153,9 +177,24 @@ def _patches(inputs: dict, vc) -> int:
     return int(pixels.numel() // (pixels.shape[-3] * patch * patch))
 
 
+def _all_kept():
+    """Boolean-mask selections on meta tensors keep every element: one image, no padding, so every
+    patch the masks cover is real (torch's own switch for a meta ``nonzero``)."""
+    import contextlib
+
+    try:
+        from torch.fx.experimental import _config
+    except ImportError:  # an older torch: such models stay refused
+        return contextlib.nullcontext()
+    if not hasattr(_config, "meta_nonzero_assume_all_nonzero"):
+        return contextlib.nullcontext()
+    return _config.patch(meta_nonzero_assume_all_nonzero=True)
+
+
 def _meta_mix():
     """A torch function mode that moves CPU tensors onto the meta device where an operation mixes
-    the two (position ids computed from a CPU grid times a meta frequency buffer)."""
+    the two (position ids computed from a CPU grid times a meta frequency buffer), and keeps integer
+    tensors on the CPU where the code itself moves them to meta before reading their values."""
     import torch
     from torch.overrides import TorchFunctionMode
     from torch.utils._pytree import tree_flatten, tree_map
@@ -163,9 +202,27 @@ def _meta_mix():
     def to_meta(a):
         return a.to("meta") if isinstance(a, torch.Tensor) and not a.is_meta else a
 
+    moves = (torch.as_tensor, torch.tensor, torch.Tensor.to)
+
+    def kept_on_cpu(func, args, kwargs):
+        """An integer CPU tensor (sizes, grids) the code moves to the meta device stays where its values
+        can still be read (``.tolist()``); None for any other call."""
+        source = args[0] if args else kwargs.get("data")
+        if func not in moves or not isinstance(source, torch.Tensor) or source.is_meta or source.is_floating_point():
+            return None
+        rest = [*args[1:], *kwargs.values()]
+        target = next((a for a in rest if isinstance(a, (str, torch.device))), None)
+        if target is None or torch.device(target).type != "meta":
+            return None
+        dtype = next((a for a in rest if isinstance(a, torch.dtype)), None)
+        return source.to(dtype) if dtype is not None else source
+
     class MetaMix(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
+            kept = kept_on_cpu(func, args, kwargs)
+            if kept is not None:
+                return kept
             flat, _ = tree_flatten((args, kwargs))
             tensors = [a for a in flat if isinstance(a, torch.Tensor)]
             if any(t.is_meta for t in tensors) and any(not t.is_meta and t.dim() > 0 for t in tensors):
