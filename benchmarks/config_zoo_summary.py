@@ -11,7 +11,8 @@ own processor or config) or is refused with a specific message; anything else is
 Image processors that need torchvision build only where it imports, so the environment (torch,
 torchvision, transformers) is printed first and stored in the json. Committed runs: without
 torchvision (this repo's CI environment) -> results/config_zoo.{txt,json}; with torchvision (as
-on a GPU machine) -> results/config_zoo_torchvision.{txt,json}.
+on a GPU machine) -> results/config_zoo_torchvision.{txt,json}; their difference per type:
+``--compare results/config_zoo_torchvision.json results/config_zoo.json`` -> results/config_zoo_compare.txt.
 """
 from __future__ import annotations
 
@@ -31,7 +32,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--types", default=None, help="comma-separated subset")
+    ap.add_argument("--compare", nargs=2, metavar=("WITH_TORCHVISION_JSON", "WITHOUT_JSON"), default=None,
+                    help="compare two runs' image tokens per type instead of running")
     args = ap.parse_args()
+    if args.compare:
+        return compare(*args.compare)
     warnings.filterwarnings("ignore")
     import transformers
 
@@ -75,6 +80,25 @@ def main():
     print(json.dumps(summary, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1, default=str))
+
+
+def compare(with_json: str, without_json: str):
+    """Types that plan in both runs with different image tokens: the processor's count (with
+    torchvision) against the fallback used without it (mostly the model's image path on meta)."""
+    runs = [{(r["model_type"], r["size"]): r for r in json.loads(Path(p).read_text())["rows"]}
+            for p in (with_json, without_json)]
+    same = 0
+    print(f"{'model_type':24s} {'with':>6s} {'without':>8s} {'diff':>7s}  without torchvision, counted by")
+    for key in sorted(runs[0]):
+        a, b = runs[0][key], runs[1].get(key, {})
+        if a["outcome"] != "plan" or b.get("outcome") != "plan":
+            continue
+        if a["image_tokens"] == b["image_tokens"]:
+            same += 1
+            continue
+        diff = (b["image_tokens"] - a["image_tokens"]) / a["image_tokens"]
+        print(f"{key[0]:24s} {a['image_tokens']:6d} {b['image_tokens']:8d} {diff:+7.0%}  {b['image_tokens_source']}")
+    print(f"{same} rows plan in both with the same image tokens")
 
 
 def environment() -> dict:
