@@ -23,11 +23,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 GiB = 1024**3
 
 
-def rows(path):
+def runs(path) -> list[tuple[dict, list[dict]]]:
+    """(header, lines) of each GPU run appended to ``path`` (one header line starts a run)."""
+    out = []
     for line in Path(path).read_text().splitlines():
         row = json.loads(line)
-        if "batch" in row and "error" not in row:
-            yield row
+        if "header" in row or not out:
+            out.append((row.get("header", {}), []))
+        if "header" not in row:
+            out[-1][1].append(row)
+    return out
+
+
+def rows(path, last_run_only=False):
+    chosen = runs(path)[-1:] if last_run_only else runs(path)
+    for _, lines in chosen:
+        for row in lines:
+            if "batch" in row and "error" not in row:
+                yield row
 
 
 def predict(row):
@@ -54,10 +67,17 @@ def main(path):
     import transformers
 
     transformers.logging.set_verbosity_error()
+    header, lines = runs(path)[-1]
+    gpu = next((r["gpu"] for r in lines if "gpu" in r), header.get("gpu", "?"))
+    print(f"# last run in {path}: {gpu}, {header.get('date', '?')}, torch {header.get('torch', '?')}, "
+          f"transformers {header.get('transformers', '?')}; predicted with transformers {transformers.__version__}")
+    for r in lines:
+        if "error" in r:
+            print(f"# {r['model']}: {r['error'].splitlines()[0][:160]}")
     print(f"{'model':14s} {'batch':>5s} {'tokens':>6s} {'pred':>7s} {'meas':>7s} {'err':>7s}  "
           f"{'weights':>7s} {'kv':>6s} {'act':>6s} {'alloc-w':>7s} {'slack':>6s}   (GiB)")
     errors = []
-    for row in rows(path):
+    for row in rows(path, last_run_only=True):
         ms, b, context = predict(row)
         pred = sum(b.values()) / GiB
         meas = row["max_reserved_gib"] + context / GiB
@@ -69,8 +89,11 @@ def main(path):
               f"{row['max_allocated_gib'] - row['weights_gib']:7.2f} "
               f"{row['max_reserved_gib'] - row['max_allocated_gib']:6.2f}")
     inside = sum(abs(e) <= 0.05 for *_, e in errors)
-    under = [(m, bs, e) for m, bs, e in errors if e < -0.05]
-    print(f"within +-5%: {inside} of {len(errors)}; under by more than 5%: {under or 'none'}")
+    under = [(m, bs, f"{e:+.1%}") for m, bs, e in errors if e < -0.05]
+    families = {m for m, *_ in errors}
+    whole = sorted(f for f in families if sum(m == f and abs(e) <= 0.05 for m, _, e in errors) >= 3)
+    print(f"within +-5%: {inside} of {len(errors)} runs; families within at 3 batch sizes: {len(whole)} "
+          f"({', '.join(whole)}); worst under: {min(e for *_, e in errors):+.1%}; under by more than 5%: {under or 'none'}")
 
 
 if __name__ == "__main__":

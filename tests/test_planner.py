@@ -260,7 +260,7 @@ def test_plan_error_says_what_is_needed_and_what_would_fit():
     assert msg.startswith("llava-1.5-7b in bfloat16 at batch 16 does not fit on one device (GPU0, 16.0 GiB free)")
     assert "a full copy needs 22." in msg and "weights 13.2" in msg and "KV cache" in msg
     assert "What would make it fit:" in msg
-    assert "dtype='int4'" in msg  # a lower dtype
+    assert "dtype='int8': 15." in msg  # a lower dtype (the first that fits)
     assert "batch_size=2: 15." in msg  # the largest power-of-two batch that fits
     assert "strategy='split' over 2 devices" in msg
     assert "more or larger GPUs" in msg
@@ -270,8 +270,8 @@ def test_plan_error_when_even_a_split_does_not_fit():
     with pytest.raises(PlanError) as err:
         vlmlab.plan("llava-1.5-7b", "2x4GiB", strategy="split")
     msg = str(err.value)
-    assert "does not fit split over all 2 device(s)" in msg and "14.9 GiB" in msg
-    assert "about 5 devices of 4.0 GiB" in msg  # 14.9 GiB / (0.9 x 4 GiB) -> 5
+    assert "does not fit split over all 2 device(s)" in msg and "15.0 GiB" in msg
+    assert "about 5 devices of 4.0 GiB" in msg  # 15.0 GiB / (0.9 x 4 GiB) -> 5
     with pytest.raises(PlanError, match="even split over all 1 device"):
         vlmlab.plan("llava-1.5-7b", "1x8GiB")
 

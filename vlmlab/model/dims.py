@@ -35,6 +35,11 @@ class Dims:
     kv: tuple = field(default=(), compare=False, repr=False)
     image_size: tuple = field(default=(0, 0), compare=False)  # (width, height) the image tokens are for
     vision_rotary: bool = field(default=False, compare=False)  # the tower applies rotary embeddings (float32)
+    # the projector's nn.Linear layers: in_features of the first, the widest out_features and how many are that wide
+    # (a gated MLP has two): its temporaries over every image feature can outgrow the tower's (Idefics2: 14336)
+    projector_in: int = field(default=0, compare=False)
+    projector_width: int = field(default=0, compare=False)
+    projector_wide: int = field(default=0, compare=False)
 
 
 def sub_config(config, key):
@@ -82,7 +87,8 @@ def read_dims(config, n_layers: int, cross_layers=None, image=None) -> Dims:
     return Dims(hidden, _get(tc, "intermediate_size", "ffn_dim", "ffn_hidden_size", default=4 * hidden), n_layers,
                 heads, kv, head_dim, _get(tc, "vocab_size", "padded_vocab_size"), v_hidden,
                 _get(vc, "intermediate_size", default=4 * v_hidden),
-                _get(vc, "num_hidden_layers", "depth", "layers", default=0),
+                # Mllama's tower runs its global layers after the local ones, over the same tokens
+                _get(vc, "num_hidden_layers", "depth", "layers", default=0) + _get(vc, "num_global_layers", default=0),
                 _get(vc, "num_attention_heads", "num_heads", "heads", default=1),
                 vision_tokens, image_tokens,
                 image_sequence=image.sequence_tokens if image is not None else 0,

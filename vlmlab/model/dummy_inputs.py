@@ -54,7 +54,7 @@ def caption_inputs(spec, batch_size: int = 1, prompt_tokens: int = 16, device="c
             if key == "cross_attention_mask":  # the text after the image attends to it
                 pad = value[:, -1:].expand(batch_size, prompt_tokens, *value.shape[2:]).clone()
             out[key] = torch.cat([value.expand(batch_size, *value.shape[1:]), pad], dim=1).to(device)
-        elif value.is_floating_point():
+        elif value.is_floating_point() and not _is_mask(value):
             shape = (value.shape[0] * batch_size, *value.shape[1:])
             out[key] = torch.randn(shape, generator=g, device=device).to(dtype=dtype)
         else:
@@ -72,3 +72,9 @@ def _counted(spec, size):
     if key not in kept:
         kept[key] = image_tokens.count(spec.config, size, folder=spec.path)
     return kept[key]
+
+
+def _is_mask(value) -> bool:
+    """A float tensor of only 0 and 1 (Idefics3's pixel_attention_mask): repeated as it is, never drawn
+    at random (a random mask leaves rows of a tile without patches, which index past the position table)."""
+    return bool(value.numel()) and bool(((value == 0) | (value == 1)).all()) and bool(value.any())

@@ -98,7 +98,9 @@ def family_for(config, names: set[str] | None = None, native: bool = True) -> Fa
         return fam
     model_type = getattr(config, "model_type", None) or "unknown"
     layer = getattr(config, "vision_feature_layer", None)  # -1 is the last state only; -2 or a list asks for all
-    keeps = layer is not None and layer != -1
+    # Mllama's tower keeps every state and concatenates the intermediate_layers_indices ones
+    picked = getattr(getattr(config, "vision_config", None), "intermediate_layers_indices", None)
+    keeps = (layer is not None and layer != -1) or bool(picked)
     return Family(str(model_type), (str(model_type),), keeps_vision_states=keeps, moves_image_features=native)
 
 

@@ -21,11 +21,14 @@ INT4_OVERHEAD = 1 / 64
 # memory, measured at 1.27-1.29 GiB on H200 with torch 2.11 / CUDA 13 (benchmarks/results/). A CPU
 # worker pays no such cost.
 CUDA_CONTEXT = 1300 * MiB
-# The caching allocator reserves more than it hands out: the KV cache grows by torch.cat each step,
-# leaving freed blocks too small for the next, larger tensors. Measured reserved-minus-allocated was
-# 31-37% of the dynamic part (KV cache + activations + logits) for LLaVA-1.5-7B at batch 4 and 16,
-# single and split (benchmarks/results/gpu_memory_calibration.txt).
-ALLOCATOR_SLACK = 0.35
+# The caching allocator reserves more than it hands out: tensors that outlive a layer (the KV cache)
+# are cut from blocks freed by its temporaries, leaving pieces too small for the next ones. Measured
+# reserved-minus-allocated was 15-37% of the dynamic part (KV cache + activations + logits) over 9
+# families on an H200 (benchmarks/results/gpu_memory_any.txt; 31-37% for LLaVA-1.5-7B in
+# gpu_memory_calibration.txt); 0.24 with a floor of 128 MiB (workspaces, block rounding: 0.1-0.5 GiB
+# at batch 1) keeps all 26 runs there within +-5%.
+ALLOCATOR_SLACK = 0.24
+ALLOCATOR_FLOOR = 128 * MiB
 # float32 temporaries per element while a vision tower applies rotary embeddings to q and k
 ROTARY_FP32 = 5
 
@@ -118,8 +121,29 @@ def vision_activation_bytes(dims, work: Workload, dtype: str, keeps_hidden_state
         # ~5 float32 temporaries per element of the width, more than the MLP's (measured on an H200:
         # qwen2-vl-2b at batch 64, 999 tokens per image, needed 9.4 GiB of activations; this gives 9.7)
         attention = images * dims.vision_tokens * dims.vision_hidden * (3 * compute_bytes(dtype) + ROTARY_FP32 * 4)
-        return kept * per_state + max(mlp, attention)
-    return kept * per_state + mlp
+        return kept * per_state + max(mlp, attention, projector_activation_bytes(dims, work, dtype))
+    return kept * per_state + max(mlp, projector_activation_bytes(dims, work, dtype))
+
+
+def projector_activation_bytes(dims, work: Workload, dtype: str) -> float:
+    """The projector's temporaries: its widest layer (plus the activation of it) over every feature the
+    tower hands it. The features it sees are the tower's output regrouped to its input width (Qwen2-VL
+    merges 4 patches into one 4 x 1280 row): tokens = vision tokens x vision width / projector input."""
+    if not (dims.projector_in and dims.projector_width):
+        return 0.0
+    images = work.batch_size * work.images_per_prompt
+    tokens = images * dims.vision_tokens * dims.vision_hidden / dims.projector_in
+    return tokens * dims.projector_width * (dims.projector_wide + 1) * compute_bytes(dtype)
+
+
+def rotary_fp32_bytes(dims, work: Workload) -> float:
+    """The float32 temporaries of a rotary vision tower (0 without one). When the tower is the largest
+    transient of its device, the allocator keeps them reserved through the bf16 prefill that follows:
+    Qwen2-VL-2B on an H200 reserved this much beyond the usual slack at batch 1, 16 and 64
+    (Qwen3-VL, whose KV cache outgrows its tower, did not)."""
+    if not getattr(dims, "vision_rotary", False):
+        return 0.0
+    return work.batch_size * work.images_per_prompt * dims.vision_tokens * dims.vision_hidden * ROTARY_FP32 * 4
 
 
 def embedding_activation_bytes(dims, work: Workload, dtype: str) -> float:
@@ -167,17 +191,17 @@ class DeviceLoad:
         per_layer = [kv_bytes_per_layer(d, w, dt, i) for i in self.layer_ids]
         kv_layer = max(per_layer, default=0.0)
         out["kv_cache"] = sum(per_layer)
-        transient = [0.0]
-        if self.has_input:
-            transient.append(vision_activation_bytes(d, w, dt, self.keeps_vision_states)
-                             + embedding_activation_bytes(d, w, dt))
-        if self.layers:
-            # one layer's prefill temporaries, plus one K (or V) re-allocated as the cache grows
-            transient.append(prefill_activation_bytes(d, w, dt) + kv_layer / 2)
-        out["activations"] = max(transient)
+        tower = (vision_activation_bytes(d, w, dt, self.keeps_vision_states) + embedding_activation_bytes(d, w, dt)
+                 if self.has_input else 0.0)
+        # one layer's prefill temporaries, plus one K (or V) re-allocated as the cache grows
+        text = prefill_activation_bytes(d, w, dt) + kv_layer / 2 if self.layers else 0.0
+        out["activations"] = max(tower, text)
         out["logits"] = logits_bytes(d, w) if self.has_head else 0.0
         dynamic = out["kv_cache"] + out["activations"] + out["logits"]
-        out["context"] = (CUDA_CONTEXT + ALLOCATOR_SLACK * dynamic) if self.is_cuda else 0.0
+        slack = ALLOCATOR_FLOOR + ALLOCATOR_SLACK * dynamic
+        if self.has_input and tower > out["kv_cache"] + text:
+            slack += rotary_fp32_bytes(d, w)  # the tower is the peak: its float32 blocks stay reserved
+        out["context"] = (CUDA_CONTEXT + slack) if self.is_cuda else 0.0
         return out
 
     def total(self) -> float:

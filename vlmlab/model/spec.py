@@ -72,8 +72,9 @@ class ModelSpec:
             image, source, error = _image_tokens(self.config, self.family, size, self.path, given, self.modules,
                                                  self.roles.get("vision", ()))
             dims = read_dims(self.config, self.dims.layers, _cross_layers(self.config), image)
-            dims.vision_tokens += _class_tokens(self) if image is not None and image.vision_tokens else 0
-            dims.vision_rotary = self.dims.vision_rotary
+            dims.vision_tokens += _class_tokens(self, image) if image is not None and image.vision_tokens else 0
+            for key in ("vision_rotary", "projector_in", "projector_width", "projector_wide"):
+                setattr(dims, key, getattr(self.dims, key))
             cache[size, given] = replace(self, dims=dims, image_tokens_source=source, image_tokens_error=error,
                                          given_image_tokens=given)
         return cache[size, given]
@@ -219,9 +220,23 @@ def build(name: str, config, source: str, path=None, hub_id=None, trust_remote_c
     spec = ModelSpec(name, config, fam, modules, source, path, hub_id, trust_remote_code, found, units,
                      no_split, tied, dims, params, introspect.tied_groups(modules), counted_by, error, image_tokens)
     if image is not None and image.vision_tokens:
-        dims.vision_tokens += _class_tokens(spec)
+        dims.vision_tokens += _class_tokens(spec, image)
     dims.vision_rotary = _vision_rotary(spec)
+    dims.projector_in, dims.projector_width, dims.projector_wide = _projector_linears(spec)
     return spec
+
+
+def _projector_linears(spec) -> tuple[int, int, int]:
+    """(in_features of the projector's first nn.Linear, the widest out_features of the layers that read
+    the same input (a gated MLP's gate and up), how many of them are that wide)."""
+    modules = dict(spec.modules.named_modules())
+    linears = [m for p in spec.roles.get("projector", ()) if p in modules for m in modules[p].modules()
+               if hasattr(m, "in_features") and hasattr(m, "out_features")]
+    if not linears:
+        return 0, 0, 0
+    first = [m for m in linears if m.in_features == linears[0].in_features]
+    width = max(m.out_features for m in first)
+    return linears[0].in_features, width, sum(m.out_features == width for m in first)
 
 
 def _vision_rotary(spec) -> bool:
@@ -285,12 +300,25 @@ def _image_tokens(config, fam, size, path, given, modules=None, vision=()):
     return image, image.source, None
 
 
-def _class_tokens(spec) -> int:
-    """1 when the vision tower prepends a class token (CLIP's class_embedding) to its patches."""
+def _class_tokens(spec, image) -> int:
+    """The class tokens of one image: one per tile (InternVL, Mllama tile an image) when the vision
+    tower prepends a class token (CLIP's class_embedding) to the patches of each tile."""
     for pname, component, *_ in spec.params:
         if component == "vision" and pname.rsplit(".", 1)[-1] in ("class_embedding", "cls_token"):
-            return 1
+            return _tiles(spec.config, image)
     return 0
+
+
+def _tiles(config, image) -> int:
+    """Tiles of one image: its pixel_values (N, C, side, side), where side is the tower's image size."""
+    from vlmlab.model.dims import sub_config
+
+    pixels = (image.inputs or {}).get("pixel_values")
+    side = getattr(sub_config(config, "vision_config"), "image_size", None)
+    side = side[0] if isinstance(side, (list, tuple)) and side else side  # InternVL: [448, 448]
+    if pixels is None or getattr(pixels, "ndim", 0) < 4 or not isinstance(side, int) or side < 1:
+        return 1
+    return max(1, int(pixels.numel() // (pixels.shape[-3] * side * side)))
 
 
 def _meta_model(config, trust_remote_code: bool):
