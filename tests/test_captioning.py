@@ -9,6 +9,7 @@ import io
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,3 +388,26 @@ def test_batch_functions_default_the_prompt_like_caption(lm, scenes, baseline):
     assert {r["image"]: r["caption"] for r in rows} == {k: baseline[k] for k in list(scenes)[:2]}
     out = captioning.caption_batch(lm, [Image.open(list(scenes)[0]).convert("RGB")], None, None)
     assert [(o["caption"], o["n_tokens"], len(o["tokens"])) for o in out] == [(baseline[list(scenes)[0]], 6, 6)]
+
+
+def test_the_next_batch_is_processed_while_this_one_generates(lm, scenes, baseline, monkeypatch):
+    import threading
+
+    threads = []
+    real = captioning.caption_inputs
+
+    def spy(processor, images, prompt):
+        threads.append((threading.current_thread().name, len(images)))
+        return real(processor, images, prompt)
+
+    monkeypatch.setattr(captioning, "caption_inputs", spy)
+    result = vlmlab.caption(list(scenes), model=lm, batch_size=4, progress=False)
+    assert result.captions == baseline
+    # the model was loaded already: every batch was processed in the thread that opens images ahead,
+    # and none again on the main thread
+    assert threads == [("vlmlab-open_0", 4), ("vlmlab-open_0", 4), ("vlmlab-open_0", 2)]
+    threads.clear()
+    paths = list(scenes)[:5]
+    rows = captioning.caption_items(lm, [captioning.ImageItem(p, Path(p)) for p in paths], batch_size=2)
+    assert [r["caption"] for r in rows] == [baseline[p] for p in paths]
+    assert sorted(name.startswith("vlmlab-prepare") for name, _ in threads) == [False, True, True]  # a worker's job too

@@ -19,10 +19,13 @@ RUN_ERROR_KINDS = {
 }
 
 
-def caption_batch(loaded_model, images: list, prompt: str | None, max_new_tokens: int | None) -> list[dict]:
+def caption_batch(loaded_model, images: list, prompt: str | None, max_new_tokens: int | None,
+                  prepared: dict | None = None) -> list[dict]:
     """Caption a list of RGB PIL images in one ``generate`` call: ``[{"caption", "n_tokens", "tokens"}, ...]``
     (``tokens``: the generated ids up to the first stop token).
     ``prompt`` / ``max_new_tokens`` None: the model's defaults (as in :func:`caption`).
+    ``prepared``: :func:`prepare_inputs` of exactly these images and prompt, made ahead (in another
+    thread, while the previous batch generated).
 
     The only place that runs the model; worker processes call exactly this. Raises what the model
     raises (an out-of-memory error included): retrying is the caller's business.
@@ -38,13 +41,13 @@ def caption_batch(loaded_model, images: list, prompt: str | None, max_new_tokens
         prompt = target.default_prompt() if prompt is None else prompt
         max_new_tokens = target.default_max_new_tokens() if max_new_tokens is None else max_new_tokens
     from vlmlab.run.decode_loop import without_sync
-    from vlmlab.run.fast_generate import generation_for, padded_size
+    from vlmlab.run.fast_generate import generation_for
 
     _, _, fast = generation_for(lm)
     n = len(images)
-    if fast is not None:  # pad a short batch to the compiled shape with copies of its last image
-        images = list(images) + [images[-1]] * (padded_size(n, fast.batch_size) - n)
-    inputs = caption_inputs(processor, list(images), prompt).to(lm.input_device)
+    if prepared is None or prepared["images"] != [id(im) for im in images] or prepared["prompt"] != prompt:
+        prepared = prepare_inputs(lm, images, prompt)
+    inputs = prepared["inputs"].to(lm.input_device)
     tokenizer = tokenizer_of(processor)
     model_dtype = getattr(lm.model, "dtype", None)
     if model_dtype is not None and model_dtype.is_floating_point:
@@ -67,6 +70,34 @@ def caption_batch(loaded_model, images: list, prompt: str | None, max_new_tokens
             for t, ids in zip(texts, new.tolist())]
 
 
+def prepare_inputs(lm, images: list, prompt: str) -> dict:
+    """The processor's CPU tensors for ``images`` (padded to the fast path's compiled batch with
+    copies of the last image), with what they were made from; safe to call from another thread."""
+    import threading
+
+    from vlmlab.run.fast_generate import generation_for, padded_size
+
+    _, _, fast = generation_for(lm)
+    padded = list(images)
+    if fast is not None:  # pad a short batch to the compiled shape with copies of its last image
+        padded += [images[-1]] * (padded_size(len(images), fast.batch_size) - len(images))
+    with lm.__dict__.setdefault("_processor_lock", threading.Lock()):  # fast tokenizers are not re-entrant
+        inputs = caption_inputs(lm.processor, padded, prompt)
+    return {"images": [id(im) for im in images], "prompt": prompt, "inputs": inputs}
+
+
+def prepare_images(lm, opened, prompt, limit) -> dict | None:
+    """:func:`prepare_inputs` for the good images of ``opened`` when they make one batch (at most
+    ``limit``); None otherwise or if the processor fails (the batch then finds out why itself)."""
+    good = [x for _, x in opened if not isinstance(x, ImageError)]
+    if lm is None or lm.processor is None or not good or len(good) > limit:
+        return None
+    try:
+        return prepare_inputs(lm, good, prompt)
+    except Exception:  # noqa: BLE001 - caption_batch processes them again and reports the error per image
+        return None
+
+
 def caption_items(loaded_model, items: list[ImageItem], prompt: str | None = None, max_new_tokens: int | None = None,
                   batch_size: int | None = None, state=None) -> list[dict]:
     """Rows for ``items`` (one each, in order): open every image, caption the good ones with
@@ -82,11 +113,19 @@ def caption_items(loaded_model, items: list[ImageItem], prompt: str | None = Non
         target = ModelTarget(loaded_model, None, None)
         prompt = target.default_prompt() if prompt is None else prompt
         max_new_tokens = target.default_max_new_tokens() if max_new_tokens is None else max_new_tokens
+    from concurrent.futures import ThreadPoolExecutor
+
     opened = open_all(items)
     size = batch_size or max(len(opened), 1)
+    groups = [opened[i:i + size] for i in range(0, len(opened), size)]
     rows = []
-    for i in range(0, len(opened), size):
-        rows += caption_opened(loaded_model, opened[i:i + size], prompt, max_new_tokens, state)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmlab-prepare") as pool:
+        pending = None
+        for i, group in enumerate(groups):  # the next batch is processed while this one generates
+            prepared = pending.result() if pending is not None else None
+            pending = (pool.submit(prepare_images, loaded_model, groups[i + 1], prompt, state.limit)
+                       if i + 1 < len(groups) else None)
+            rows += caption_opened(loaded_model, group, prompt, max_new_tokens, state, prepared)
     return rows
 
 
@@ -107,7 +146,9 @@ def open_all(items):
     return out
 
 
-def caption_opened(lm, opened, prompt, max_new_tokens, state) -> list[dict]:
+def caption_opened(lm, opened, prompt, max_new_tokens, state, prepared: dict | None = None) -> list[dict]:
+    """Rows for ``opened`` ((item, image or ImageError) pairs); ``prepared``: the processor's inputs
+    for all its good images as one batch (:func:`prepare_images`), used if that batch is tried whole."""
     rows: dict[int, dict] = {}
     good = []
     for i, (it, x) in enumerate(opened):
@@ -123,7 +164,7 @@ def caption_opened(lm, opened, prompt, max_new_tokens, state) -> list[dict]:
         failure = None
         try:
             t0 = time.perf_counter()
-            outs = caption_batch(lm, [im for _, _, im in group], prompt, max_new_tokens)
+            outs = caption_batch(lm, [im for _, _, im in group], prompt, max_new_tokens, prepared)
             ms = (time.perf_counter() - t0) * 1000 / len(group)
         except Exception as err:  # noqa: BLE001 - sorted out below; KeyboardInterrupt passes
             failure = (is_oom(err), f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", err)

@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
-from vlmlab.run.batch import BatchState, caption_opened, crashed_rows, open_all
+from vlmlab.run.batch import BatchState, caption_opened, crashed_rows, open_all, prepare_images
 from vlmlab.run.images import ImageError, collect
 from vlmlab.run.journal import JournalMismatchError, journal_row, open_caption_journal  # noqa: F401  re-exported
 from vlmlab.run.results import CaptionResult
@@ -132,14 +132,18 @@ def _run_local(target, todo, prompt, max_new_tokens, batch_size, sink, state, pr
     prof = None
     with ExitStack() as stack:
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmlab-open"))
-        pending = pool.submit(open_all, chunks[0])  # open the next batch while this one generates
+        def ahead(chunk):  # open (and, once the model is loaded, process) the next batch while this one generates
+            opened = open_all(chunk)
+            return opened, prepare_images(target.lm, opened, prompt, state.limit)
+
+        pending = pool.submit(ahead, chunks[0])
         stack.callback(lambda: pending.cancel())
         for i in range(len(chunks)):
-            opened = pending.result()
-            if i + 1 < len(chunks):
-                pending = pool.submit(open_all, chunks[i + 1])
+            opened, prepared = pending.result()
             if target.lm is None and any(not isinstance(x, ImageError) for _, x in opened):
                 target.get()  # loaded only once there is an image to caption
+            if i + 1 < len(chunks):
+                pending = pool.submit(ahead, chunks[i + 1])
             if note is not None and target.lm is not None:  # compiling a shape shows in the progress bar
                 from vlmlab.run.fast_generate import watch_compiles
 
@@ -149,7 +153,7 @@ def _run_local(target, todo, prompt, max_new_tokens, batch_size, sink, state, pr
                 from vlmlab.observe.profiler import Profiler
 
                 prof = stack.enter_context(Profiler(target.lm, plan=target.lm.plan))
-            rows = caption_opened(target.lm, opened, prompt, max_new_tokens, state)
+            rows = caption_opened(target.lm, opened, prompt, max_new_tokens, state, prepared)
             if prof is not None:
                 prof.count_rows(rows)
             sink(rows)
