@@ -208,6 +208,16 @@ def test_plan_flags_reach_the_api(ip, record):
     assert calls[-1] == ("plan", (), {})
 
 
+def test_image_size_flag_reaches_plan_and_bench(ip, record):
+    plans, benches = record("plan"), record("bench")
+    ip.run_line_magic("vlm", "plan qwen2-vl-2b --image-size 448x448")
+    assert plans[-1] == ("plan", (), dict(model="qwen2-vl-2b", image_size=(448, 448)))
+    ip.run_line_magic("vlm", "bench qwen2-vl-2b --random-weights --image-size 640X480")
+    assert benches[-1][2]["image_size"] == (640, 480)
+    with pytest.raises(UsageError, match="WIDTHxHEIGHT"):
+        ip.run_line_magic("vlm", "plan qwen2-vl-2b --image-size 448")
+
+
 def test_plan_device_map_from_flag_file_and_cell_body(ip, tmp_path):
     dm = {"": 0}
     by_flag = ip.run_line_magic("vlm", f"plan llava-1.5-7b --gpus 1x24GiB --device-map '{json.dumps(dm)}'")

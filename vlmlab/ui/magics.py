@@ -22,7 +22,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from traitlets import Float, Int, Unicode
 
-from vlmlab.ui.argtypes import positive_int
+from vlmlab.ui.argtypes import image_size, positive_int
 
 STRATEGIES = ("auto", "single", "split", "replicate", "hybrid")  # validated again by the API
 
@@ -157,6 +157,7 @@ def _plan_parser(p):
     _placement(p)
     _workload(p)
     p.add_argument("--prompt-tokens", type=positive_int, metavar="N")
+    p.add_argument("--image-size", type=image_size, metavar="WxH", help="the images' size (default: a 1024x768 photo)")
 
 
 def _load_parser(p):
@@ -213,6 +214,7 @@ def _bench_parser(p):
     p.add_argument("--dtype", metavar="DTYPE")
     p.add_argument("--max-new-tokens", type=positive_int, metavar="N")
     p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--image-size", type=image_size, metavar="WxH", help="the images' size the plan assumes")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
