@@ -134,9 +134,9 @@ def run(name, batches, new_tokens, image_size, out):
                "config": config.to_dict()}
         out.write(json.dumps(row, default=str) + "\n")
         out.flush()
-        print(f"{name:14s} batch {batch:3d}: measured {row['measured_gib']:.2f} GiB (allocated peak "
-              f"{row['max_allocated_gib']:.2f}, weights {row['weights_gib']:.2f}), predicted "
-              f"{row['predicted_gib'] + 1.27 - row['context_gib']:.2f} + context, {row['generate_s']:.1f} s", flush=True)
+        print(f"{name:14s} batch {batch:3d}: reserved peak + 1.27 GiB context {row['max_reserved_gib'] + 1.27:.2f} GiB "
+              f"(allocated peak {row['max_allocated_gib']:.2f}, weights {row['weights_gib']:.2f}), predicted "
+              f"{row['predicted_gib']:.2f}, {row['generate_s']:.1f} s", flush=True)
         del inputs, result
     del model
     torch.cuda.empty_cache()
