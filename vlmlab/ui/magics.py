@@ -320,9 +320,7 @@ class VlmMagic(Magics):
             if dest in dests and dest not in args and value is not None:
                 args[dest] = value
 
-    # ---- subcommands: parse, call one API function, return ----------------------------------
-
-    def _help(self, args, cell):
+    def _help(self, args, cell):  # subcommands from here on: parse, call one API function, return
         topic = args.get("topic")
         if topic is None:
             print(USAGE)
