@@ -74,3 +74,66 @@ def test_refuses_sampling(tiny):
     with pytest.raises(ValueError, match="decodes greedily"):
         _run(model, _inputs(ms, 1), max_new_tokens=2, custom_generate=decode_loop.greedy_without_sync,
              num_beams=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_family(tmp_path_factory):
+    from tests.tiny_vlms import build_all
+
+    return build_all(tmp_path_factory.mktemp("families"), ["qwen2_vl", "mllama"])
+
+
+def _batch(folder, padded=True):
+    import numpy as np
+    from PIL import Image
+
+    from vlmlab.model.saved_processor import load_processor
+    from vlmlab.run.prompts import caption_inputs
+
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in [(64, 48), (28, 28), (96, 64)]]
+    inputs = caption_inputs(load_processor(folder), images, "describe this image")
+    if padded:  # images of different sizes: a left-padded batch (Qwen2-VL's image tokens grow with the image)
+        assert not inputs["attention_mask"].bool().all()
+    return inputs
+
+
+def test_decode_steps_get_a_ready_mask_that_changes_nothing(tiny_family, monkeypatch):
+    """On a static cache, decode steps get their 4D mask made on the device (transformers' own mask
+    building waits for the GPU every step); the tokens are generate's."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlmlab.run.fast_generate import FastGenerator
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_family["qwen2_vl"], dtype=torch.float32).eval()
+    inputs = _batch(tiny_family["qwen2_vl"])
+    made = []
+    real = decode_loop._cache_slots
+    monkeypatch.setattr(decode_loop, "_cache_slots", lambda m, kw: made.append(real(m, kw)) or made[-1])
+    kw = dict(max_new_tokens=2 * decode_loop.CHECK_EVERY, do_sample=False)
+    with torch.inference_mode():
+        plain = model.generate(**inputs, **kw)
+        fast = FastGenerator(model, prefill="eager").generate(dict(inputs), **kw)
+    assert made and made[-1] is not None
+    allowed, positions = made[-1]
+    assert allowed.shape == (3, positions.numel()) and not allowed[:, :inputs["input_ids"].shape[1]].all()
+    n = min(plain.shape[1], fast.shape[1])
+    assert torch.equal(plain[:, :n], fast[:, :n])
+    assert not hasattr(model, "create_masks_for_generate") or "create_masks_for_generate" not in vars(model)
+
+
+def test_a_model_whose_states_do_not_fit_a_static_cache_falls_back_to_generates_own(tiny_family):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlmlab.run.fast_generate import FastGenerator
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_family["mllama"], dtype=torch.float32).eval()
+    inputs = _batch(tiny_family["mllama"], padded=False)
+    gen = FastGenerator(model, prefill="eager")
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    with torch.inference_mode():
+        out = gen.generate(dict(inputs), **kw)
+        assert torch.equal(out, model.generate(**inputs, **kw))
+    assert gen.static_cache is False and "the static cache failed" in gen.fallbacks[-1]

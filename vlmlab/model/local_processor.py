@@ -64,12 +64,17 @@ def _class_names(mapping, model_type):
 
 def _resolve(names):
     import transformers
+    from transformers.utils import logging as hf_logging
 
     for name in names:
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "requires torchvision; falling back to the PIL class": what we want
         try:
             cls = getattr(transformers, name, None)
         except Exception:  # noqa: BLE001 - a backend that is not installed (torchvision)
             cls = None
+        finally:
+            hf_logging.set_verbosity(level)
         if cls is not None and not getattr(cls, "_backends", None) == ("torchvision",):
             yield cls
 

@@ -38,12 +38,12 @@ def greedy_without_sync(model, input_ids, logits_processor, stopping_criteria, g
                if model._valid_auto_compile_criteria(model_kwargs, generation_config) else model.__call__)
     outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
     max_length = stopping_criteria.max_length
+    slots = _cache_slots(model, model_kwargs)
     steps = 0
     with model._optimize_model_for_decode():
         while True:
             if steps:
-                step_inputs = model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
-                outputs = forward(**step_inputs, return_dict=True)
+                outputs = forward(**_step_inputs(model, input_ids, model_kwargs, slots), return_dict=True)
             model_kwargs = model._update_model_kwargs_for_generation(
                 outputs, model_kwargs, is_encoder_decoder=model.config.is_encoder_decoder)
             logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
@@ -59,6 +59,51 @@ def greedy_without_sync(model, input_ids, logits_processor, stopping_criteria, g
             if steps % CHECK_EVERY == 0 and not bool(unfinished.any()):  # the only host sync
                 break
     return input_ids
+
+
+def _cache_slots(model, model_kwargs):
+    """``(allowed, positions)``: which static-cache slots each row may attend to ([batch, cache
+    length]: its prompt's unpadded tokens, then every generated one) and the slot indices; or None
+    where a decode step's mask is better left to transformers (no static cache, no 2D mask, an
+    attention other than SDPA, sliding-window or chunked layers, an encoder-decoder).
+
+    With them a decode step gets its 4D mask ready made: transformers would build it on the host
+    from the 2D mask, and deciding whether it may skip it (``padding_mask.all()``) waits for the GPU
+    every step."""
+    import torch
+
+    text = model.config.get_text_config()
+    cache = next((model_kwargs[k] for k in ("past_key_values", "cache") if model_kwargs.get(k) is not None), None)
+    mask = model_kwargs.get("attention_mask")
+    plain = (not model.config.is_encoder_decoder and getattr(text, "_attn_implementation", None) == "sdpa"
+             and not getattr(text, "sliding_window", None) and not getattr(text, "attention_chunk_size", None)
+             and all(t == "full_attention" for t in (getattr(text, "layer_types", None) or [])))
+    if not plain or cache is None or not getattr(cache, "is_compileable", False) or mask is None or mask.ndim != 2:
+        return None
+    layers = getattr(cache, "layers", None) or [None]
+    length = getattr(cache, "max_cache_len", None) or getattr(layers[0], "max_cache_len", None)  # 5.17, 5.24
+    if not isinstance(length, int) or length < mask.shape[1]:
+        return None
+    allowed = torch.ones(mask.shape[0], length, dtype=torch.bool, device=mask.device)
+    allowed[:, :mask.shape[1]] = mask.bool()
+    return allowed, torch.arange(length, device=mask.device)
+
+
+def _step_inputs(model, input_ids, model_kwargs, slots) -> dict:
+    if slots is None:
+        return model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
+    vars(model)["create_masks_for_generate"] = _as_given  # the 2D mask passes through untouched
+    try:
+        step = model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
+    finally:
+        vars(model).pop("create_masks_for_generate", None)
+    allowed, positions = slots
+    step["attention_mask"] = (allowed & (positions <= input_ids.shape[1] - 1))[:, None, None, :]
+    return step
+
+
+def _as_given(attention_mask=None, **_):
+    return attention_mask
 
 
 def without_sync(model, kwargs: dict) -> dict:

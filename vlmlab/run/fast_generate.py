@@ -151,6 +151,7 @@ class FastGenerator:
         self.batch_size: int | None = None  # the batch of the last call that succeeded: pad smaller ones to it
         self.blocks: list[str] = []  # the compiled blocks of one layer ("mlp", "input_layernorm" ...)
         self.fallbacks: list[str] = []  # compiles that failed, and what runs instead
+        self.static_cache = True  # False after the static cache itself failed: generate's own cache
         self.decode = decode
         self._cache = None
         self._cache_key = None
@@ -199,11 +200,14 @@ class FastGenerator:
         if self._prefill is not None:
             vars(self._decoder)["forward"] = self._prefill
         try:
-            cache = self._cache_for(key)
-            graphs = self._graphs_for(key, cache)
             kwargs = without_sync(self.model, kwargs)
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, disable_compile=not graphs,
-                                      **{self._cache_kw: cache}, **kwargs)
+            if self.static_cache:
+                cache = self._cache_for(key)
+                graphs = self._graphs_for(key, cache)
+                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, disable_compile=not graphs,
+                                          **{self._cache_kw: cache}, **kwargs)
+            else:
+                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, disable_compile=True, **kwargs)
         except BaseException as err:
             self._cache = self._cache_key = None
             if first and self._give_up_a_compile(err):
@@ -237,6 +241,10 @@ class FastGenerator:
         if self.decode != "eager":
             self.decode, self.decode_choice = "eager", {}
             self.fallbacks.append(f"compiled decode failed ({why}); decode steps run eager")
+            return True
+        if self.static_cache:  # e.g. Mllama's cross-attention states do not fit a static cache of prompt length
+            self.static_cache = False
+            self.fallbacks.append(f"the static cache failed ({why}); generate keeps its own cache")
             return True
         return False
 
