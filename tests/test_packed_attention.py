@@ -59,3 +59,21 @@ def test_a_windowed_tower_is_switched_and_captions_are_unchanged(family, tmp_pat
     assert model.config.get_text_config()._attn_implementation == "sdpa"  # the language model keeps its own
     assert torch.equal(before, after)
     assert pa.use_packed_attention(model) == changed  # idempotent
+
+
+def test_remote_code_is_left_alone():
+    import torch
+
+    class Config:
+        _attn_implementation = "sdpa"
+
+    class RemoteAttention(torch.nn.Module):  # a module defined outside transformers, e.g. trust_remote_code
+        def __init__(self):
+            super().__init__()
+            self.config = Config()
+
+        def forward(self, hidden_states, cu_seqlens):
+            return hidden_states
+
+    model = torch.nn.Sequential(RemoteAttention())
+    assert pa.use_packed_attention(model) == [] and model[0].config._attn_implementation == "sdpa"

@@ -59,15 +59,16 @@ def register() -> str:
 
 
 def use_packed_attention(model) -> list[str]:
-    """Route the attention of every module whose ``forward`` takes ``cu_seqlens`` (and that would
-    otherwise split it, i.e. not already on a flash kernel) through :func:`packed_sdpa`; returns the
-    names of the modules changed (empty for a model without such a tower)."""
+    """Route the attention of every transformers module whose ``forward`` takes ``cu_seqlens`` (and
+    that would otherwise split it, i.e. not already on a flash kernel) through :func:`packed_sdpa`;
+    returns the names of the modules changed (empty for a model without such a tower)."""
     from transformers.utils.generic import is_flash_attention_requested
 
     changed = []
     for name, module in model.named_modules():
         config = getattr(module, "config", None)
-        if config is None or "cu_seqlens" not in _parameters(type(module).forward):
+        native = type(module).__module__.startswith("transformers.")  # remote code may branch on the name itself
+        if config is None or not native or "cu_seqlens" not in _parameters(type(module).forward):
             continue
         if getattr(config, "_attn_implementation", None) in ("sdpa", None) and not is_flash_attention_requested(config):
             register()
