@@ -13,3 +13,22 @@ def lm():
     model = vlmlab.load()
     yield model
     vlmlab.unload()
+
+
+@pytest.fixture(scope="session")
+def tiny_vlms(tmp_path_factory):
+    """{family: folder} of every tiny model (tests/tiny_vlms.py), built once per test session."""
+    from tests.tiny_vlms import build_all
+
+    return build_all(tmp_path_factory.mktemp("tiny-vlms"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one thread, and far faster on a shared machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import vlmlab
-from tests.tiny_vlms import build_all
 from vlmlab.model.dummy_inputs import _is_mask
 
 CATALOGUE_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "blip2",
@@ -16,17 +15,7 @@ CATALOGUE_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3
 OUTSIDE = ("gemma3", "idefics2", "mllama")
 
 
-@pytest.fixture(scope="module")
-def tiny_vlms(tmp_path_factory):
-    return build_all(tmp_path_factory.mktemp("tiny-vlms"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("family", CATALOGUE_FAMILIES + OUTSIDE)

@@ -76,13 +76,6 @@ def test_refuses_sampling(tiny):
              num_beams=2)
 
 
-@pytest.fixture(scope="module")
-def tiny_family(tmp_path_factory):
-    from tests.tiny_vlms import build_all
-
-    return build_all(tmp_path_factory.mktemp("families"), ["qwen2_vl", "mllama"])
-
-
 def _batch(folder, padded=True):
     import numpy as np
     from PIL import Image
@@ -98,7 +91,7 @@ def _batch(folder, padded=True):
     return inputs
 
 
-def test_decode_steps_get_a_ready_mask_that_changes_nothing(tiny_family, monkeypatch):
+def test_decode_steps_get_a_ready_mask_that_changes_nothing(tiny_vlms, monkeypatch):
     """On a static cache, decode steps get their 4D mask made on the device (transformers' own mask
     building waits for the GPU every step); the tokens are generate's."""
     import torch
@@ -106,8 +99,8 @@ def test_decode_steps_get_a_ready_mask_that_changes_nothing(tiny_family, monkeyp
 
     from vlmlab.run.fast_generate import FastGenerator
 
-    model = AutoModelForImageTextToText.from_pretrained(tiny_family["qwen2_vl"], dtype=torch.float32).eval()
-    inputs = _batch(tiny_family["qwen2_vl"])
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlms["qwen2_vl"], dtype=torch.float32).eval()
+    inputs = _batch(tiny_vlms["qwen2_vl"])
     made = []
     real = decode_loop._cache_slots
     monkeypatch.setattr(decode_loop, "_cache_slots", lambda m, kw: made.append(real(m, kw)) or made[-1])
@@ -123,14 +116,14 @@ def test_decode_steps_get_a_ready_mask_that_changes_nothing(tiny_family, monkeyp
     assert not hasattr(model, "create_masks_for_generate") or "create_masks_for_generate" not in vars(model)
 
 
-def test_a_model_whose_states_do_not_fit_a_static_cache_falls_back_to_generates_own(tiny_family):
+def test_a_model_whose_states_do_not_fit_a_static_cache_falls_back_to_generates_own(tiny_vlms):
     import torch
     from transformers import AutoModelForImageTextToText
 
     from vlmlab.run.fast_generate import FastGenerator
 
-    model = AutoModelForImageTextToText.from_pretrained(tiny_family["mllama"], dtype=torch.float32).eval()
-    inputs = _batch(tiny_family["mllama"], padded=False)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlms["mllama"], dtype=torch.float32).eval()
+    inputs = _batch(tiny_vlms["mllama"], padded=False)
     gen = FastGenerator(model, prefill="eager")
     kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
     with torch.inference_mode():

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import vlmlab
-from tests.tiny_vlms import FAMILIES, build_all
+from tests.tiny_vlms import FAMILIES
 from vlmlab.run import batch as captioning
 from vlmlab.model.saved_processor import load_processor
 from vlmlab.run.prompts import DEFAULT_PROMPTS, FALLBACK_PROMPT, build_prompt, caption_inputs, chat_template_of
@@ -25,21 +25,7 @@ PROMPT = "Describe this image in one sentence."
 DYNAMIC = {"llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "internvl"}
 
 
-@pytest.fixture(scope="session")
-def tiny_vlms(tmp_path_factory):
-    """{family: folder} of every tiny model, built once per test session."""
-    return build_all(tmp_path_factory.mktemp("tiny-vlms"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster on a shared machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -312,19 +312,12 @@ def test_sharecaptioner_and_omnilmm_trees_plan():
 
 # ---- the model's own processor: tiny model folders (tests/tiny_vlms.py) -------------------------
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tests import tiny_vlms
-
-    return tiny_vlms.build_all(tmp_path_factory.mktemp("tiny_vlms"))
-
-
-def test_config_alone_counts_what_the_folder_processor_counts(tiny):
+def test_config_alone_counts_what_the_folder_processor_counts(tiny_vlms):
     """From the config only (processor built locally) == the folder's saved processor, 2 sizes."""
     from transformers import AutoConfig
 
     same = 0
-    for family, folder in tiny.items():
+    for family, folder in tiny_vlms.items():
         config = AutoConfig.from_pretrained(folder)
         for size in ((1024, 768), (300, 200)):
             local = image_tokens.count(config, size)
@@ -340,14 +333,14 @@ def test_config_alone_counts_what_the_folder_processor_counts(tiny):
     assert same >= 2 * 7
 
 
-def test_dummy_inputs_run_every_tiny_family(tiny):
+def test_dummy_inputs_run_every_tiny_family(tiny_vlms):
     import torch
     import transformers
 
     import vlmlab
     from vlmlab.model.dummy_inputs import caption_inputs
 
-    for family, folder in tiny.items():
+    for family, folder in tiny_vlms.items():
         ms = vlmlab.spec(str(folder))
         cls = transformers.Blip2ForConditionalGeneration if family == "blip2" else transformers.AutoModelForImageTextToText
         model = cls.from_pretrained(folder).eval()

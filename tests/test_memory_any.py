@@ -1,7 +1,6 @@
 """Memory terms read from what a model is (issue 10): Mllama's tiles, global layers and kept states,
 a projector wider than its tower (Idefics2), the local tokenizer keeping the config's special ids,
 and one recorded H200 run predicted again from its config (benchmarks/gpu_memory_any_fit.py)."""
-import json
 import sys
 from pathlib import Path
 
