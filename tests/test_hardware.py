@@ -370,6 +370,6 @@ def test_visible_nvml_indices(visible, expected):
                                              ("NVIDIA H100 80GB HBM3", 3350), ("NVIDIA L40S", 864), ("NVIDIA L4", 300),
                                              ("Tesla V100-SXM2-16GB", 900), ("Unknown Accelerator", None)])
 def test_bandwidth_of_real_card_names_prefers_the_matching_memory_size(name, bandwidth):
-    from vlmlab.hardware import _bandwidth_of
+    from vlmlab.hardware import bandwidth_of
 
-    assert _bandwidth_of(name) == bandwidth
+    assert bandwidth_of(name) == bandwidth

@@ -324,7 +324,7 @@ def _from_nvml(visible: str | None = "env") -> Hardware | None:
                 util = None
             name = _str(pynvml.nvmlDeviceGetName(h))
             devices.append(Gpu(torch_index, name, int(mem.total), int(mem.free), kind="cuda",
-                               utilization=util, bandwidth=_bandwidth_of(name), nvml_index=nv, uuid=uuids[nv],
+                               utilization=util, bandwidth=bandwidth_of(name), nvml_index=nv, uuid=uuids[nv],
                                bf16_tflops=_tflops_of(name)))
         return Hardware(devices, "nvml", "" if devices else "NVML sees no GPU visible to this process")
     finally:
@@ -344,7 +344,7 @@ def _from_torch() -> Hardware | None:
     for i in range(torch.cuda.device_count()):  # initialises CUDA: only reached without NVML
         free, total = torch.cuda.mem_get_info(i)
         name = torch.cuda.get_device_name(i)
-        devices.append(Gpu(i, name, total, free, kind="cuda", bandwidth=_bandwidth_of(name), bf16_tflops=_tflops_of(name)))
+        devices.append(Gpu(i, name, total, free, kind="cuda", bandwidth=bandwidth_of(name), bf16_tflops=_tflops_of(name)))
     return Hardware(devices, "torch")
 
 
@@ -352,9 +352,6 @@ def bandwidth_of(name: str) -> float | None:
     """Datasheet memory bandwidth in GB/s of the card called ``name`` (as torch or NVML name it)."""
     key = _card_key(name)
     return CARDS[key][2] if key else None
-
-
-_bandwidth_of = bandwidth_of
 
 
 def _tflops_of(name: str) -> float | None:

@@ -4,27 +4,18 @@ A decoder layer's MLP and norms hold no state between calls and have the same co
 layer, so one compiled graph serves all of them (``torch.compile`` lifts each layer's weights as
 inputs), and compiling takes seconds instead of the minute a whole 7B forward takes. The attention
 block is left eager: it indexes the KV cache by its ``layer_idx``, which would compile a graph per
-layer. Which layers and blocks: read from the model (its decoder's largest list of identical
-layers, and the children of a layer that neither are nor hold an attention module).
+layer. Which layers and blocks: read from the model (the layer list the plan reads, and the
+children of a layer that neither are nor hold an attention module).
 """
 from __future__ import annotations
 
 
 def decoder_layers(model):
-    """The language model's layer list: the longest ``ModuleList`` of one class under the decoder."""
-    import torch
+    """The language model's layer list, as the plan reads it (``model.introspect.read_roles``)."""
+    from vlmlab.model.introspect import read_roles
 
-    try:
-        decoder = model.get_decoder()
-    except (AttributeError, ValueError, NotImplementedError):
-        decoder = model
-    best = None
-    for module in decoder.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
-            kinds = {type(m) for m in module}
-            if len(kinds) == 1 and (best is None or len(module) > len(best)):
-                best = module
-    return best
+    names = read_roles(model)["layers"]
+    return model.get_submodule(names[0]) if names else None
 
 
 def stateless_blocks(layer) -> list[tuple[str, object]]:
