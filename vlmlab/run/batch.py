@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from vlmlab.run.images import ImageError, ImageItem, open_image
+from vlmlab.run.oom import free_memory, is_oom
 from vlmlab.run.prompts import caption_inputs, tokenizer_of
 from vlmlab.run.target import ModelTarget, random_copy_message
 
@@ -240,23 +241,6 @@ def _count_tokens(ids, stop, pad) -> int:
         if t != pad:
             n += 1
     return n
-
-
-def is_oom(err) -> bool:
-    import torch
-
-    oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    return isinstance(err, oom_type) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
-
-
-def free_memory(lm):
-    import gc
-
-    gc.collect()
-    if lm is not None and any(isinstance(d, int) for d in lm.devices):
-        import torch
-
-        torch.cuda.empty_cache()
 
 
 def _device_label(lm) -> str:

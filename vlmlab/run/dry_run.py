@@ -13,7 +13,7 @@ def synthetic_batch(lm, n_images: int, batch_size: int = 1, max_new_tokens: int 
     import torch
 
     from vlmlab.model.dummy_inputs import caption_inputs
-    from vlmlab.run.batch import free_memory, is_oom
+    from vlmlab.run.oom import free_memory, is_oom
     from vlmlab.run.decode_loop import without_sync
     from vlmlab.run.fast_generate import generation_for, padded_size
 

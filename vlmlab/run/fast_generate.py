@@ -229,8 +229,9 @@ class FastGenerator:
         """After a first call failed for another reason than memory: drop the compiled blocks, else
         the compiled decode, note why in ``fallbacks``, and say whether a retry makes sense."""
         from vlmlab.run.compiled_blocks import uncompile
+        from vlmlab.run.oom import is_oom
 
-        if not isinstance(err, Exception) or "out of memory" in str(err).lower():
+        if not isinstance(err, Exception) or is_oom(err):
             return False
         why = f"{type(err).__name__}: {str(err)[:200]}"
         if self.blocks and self.blocks != ["(none)"]:
