@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from vlmlab.model.local_processor import (_TOKEN_ATTR, ProcessorUnavailable, _config_count, _config_id, _first_int,
                                           _image_id_fix, _kind, _sub, _token_names, _with_tokenizer, build_processor)
+from vlmlab.model.meta_image_path import encoder_patches
 
 # Dynamic-resolution families (Qwen2-VL, Idefics3, LLaVA-NeXT ...) turn a larger image into more
 # tokens; unless told otherwise, plans assume a typical photo of this size (width, height).
@@ -126,24 +127,8 @@ def _count_with_processor(config, size, folder):
                                  f"(id {token_id}) for a {size[0]}x{size[1]} image; pass image_tokens=N")
     inputs = {k: v for k, v in with_image.items() if k not in ("input_ids", "attention_mask", "token_type_ids", "labels")}
     extra = len(ids) - text_only
-    return ImageTokens(n, max(_vision_tokens(inputs, config), n), size, source, token_id, max(extra, n), inputs, ids)
-
-
-
-
-def _vision_tokens(inputs: dict, config) -> int:
-    """Patches the vision encoder sees: flattened patches (Qwen-style rows), else pixels / patch²."""
-    pixels = inputs.get("pixel_values")
-    if pixels is None or not hasattr(pixels, "shape"):
-        return 0
-    if pixels.ndim == 2:
-        return int(pixels.shape[0])
-    vc = _sub(config, "vision_config")
-    patch = _first_int(getattr(vc, "patch_size", None)) or 14
-    channels = 3
-    return int(pixels.numel() // (channels * patch * patch))
-
-
+    patches = encoder_patches(inputs, _sub(config, "vision_config"))
+    return ImageTokens(n, max(patches, n), size, source, token_id, max(extra, n), inputs, ids)
 
 
 

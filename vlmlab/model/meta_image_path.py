@@ -52,7 +52,7 @@ def count(model, config, size, vision=()) -> tuple[int, int, tuple[int, int], st
     n = _rows(out, pooled=tower is None)
     if not n:
         raise MetaPathFailed(f"its {what} returned no feature tensor on the meta device")
-    return n, max(_patches(inputs, vc), n), run, f"{what}, inputs from {made_by}"
+    return n, max(encoder_patches(inputs, vc), n), run, f"{what}, inputs from {made_by}"
 
 
 def _image_path(model, vision):
@@ -167,11 +167,14 @@ def _rows(out, pooled: bool) -> int:
     return int(out.numel() // out.shape[-1])
 
 
-def _patches(inputs: dict, vc) -> int:
+def encoder_patches(inputs: dict, vc) -> int:
+    """Patches the vision encoder sees for ``inputs`` (an image processor's output): one per row where
+    patches come as rows (Qwen's flattened patches, NaFlex's [batch, rows, C*p*p], flattened_patches),
+    else pixels / (channels * patch²)."""
     pixels = inputs.get("pixel_values", inputs.get("flattened_patches"))
-    if pixels is None:
+    if pixels is None or not hasattr(pixels, "shape"):
         return 0
-    if pixels.dim() == 2 or "flattened_patches" in inputs:
+    if pixels.dim() <= 3 or "flattened_patches" in inputs:
         return int(pixels.numel() // pixels.shape[-1])
     patch = _first_int(getattr(vc, "patch_size", None)) or 14
     return int(pixels.numel() // (pixels.shape[-3] * patch * patch))
