@@ -34,7 +34,11 @@ def main(argv=None):
     ap.add_argument("--plain-images", type=int, default=None, help="images for the plain runs (default: --images)")
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--prefill", default=None, help="FastGenerator prefill: blocks, decoder or eager (default: vlmlab's)")
-    ap.add_argument("--decode", default=None, help="FastGenerator decode: auto, graphs or eager (default: vlmlab's)")
+    ap.add_argument("--decode", default=None, help="FastGenerator decode: auto, compiled, graphs or eager (default: vlmlab's)")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode of a compiled decode step")
+    ap.add_argument("--coordinate-descent", action="store_true", help="inductor's coordinate_descent_tuning (gpt-fast)")
+    ap.add_argument("--no-fused-norms", action="store_true", help="leave RMSNorm layers on transformers' own forward")
+    ap.add_argument("--blas", default=None, help="torch.backends.cuda.preferred_blas_library (cublas, cublaslt)")
     ap.add_argument("--qwen-image-size", default="448x448",
                     help="WxH of the qwen part's images: 448x448 is the 256 image tokens of issue 12's 17.9 images/s")
     ap.add_argument("--json", default=None)
@@ -50,12 +54,24 @@ def main(argv=None):
     import vlmlab
     from vlmlab.run import fast_generate
 
+    from vlmlab.run import loading
+
+    fast_generate.COMPILE_MODE = args.compile_mode or fast_generate.COMPILE_MODE
+    loading.FUSED_NORMS = not args.no_fused_norms
+    if args.coordinate_descent:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
+    if args.blas:
+        torch.backends.cuda.preferred_blas_library(args.blas)
     fast_generate.DEFAULT_PREFILL = args.prefill or fast_generate.DEFAULT_PREFILL
     fast_generate.DEFAULT_DECODE = args.decode or fast_generate.DEFAULT_DECODE
     hw = vlmlab.gpus()
     out = {"env": {"date": datetime.date.today().isoformat(), "gpu": hw[0].name if len(hw) else "cpu",
                    "torch": torch.__version__, "transformers": transformers.__version__,
-                   "prefill": fast_generate.DEFAULT_PREFILL, "decode": fast_generate.DEFAULT_DECODE},
+                   "prefill": fast_generate.DEFAULT_PREFILL, "decode": fast_generate.DEFAULT_DECODE,
+                   "compile_mode": fast_generate.COMPILE_MODE, "fused_norms": loading.FUSED_NORMS,
+                   "coordinate_descent": args.coordinate_descent, "blas": args.blas},
            "args": vars(args), "results": {}}
     print(f"# {out['env']}", flush=True)
 
@@ -171,7 +187,10 @@ def _batch1_decode(args, new_tokens: int = 128) -> dict:
         roof = decode_roofline_tokens_per_s(ms, gpu, 1, kv)
         return {"generation": mode, "reason": reason,
                 "decode": {str(k): v for k, v in getattr(gen, "decode_choice", {}).items()},
-                "compiled_blocks": getattr(gen, "blocks", None), "first_call_s": first, "prefill_s": prefill,
+                "compiled_blocks": getattr(gen, "blocks", None), "fallbacks": getattr(gen, "fallbacks", None),
+                "capture_s": {str(k): v for k, v in getattr(gen, "capture_s", {}).items()},
+                "replays": getattr(getattr(gen, "_step", None), "replays", None),
+                "first_call_s": first, "prefill_s": prefill,
                 "tokens_per_s": tokens_per_s, "roofline_tokens_per_s": roof,
                 "pct_of_roofline": 100 * tokens_per_s / roof if roof else None,
                 "decode_gbs": tokens_per_s * decode_bytes(ms, 1, kv) / 1e9, "bytes_per_token": decode_bytes(ms, 1, kv)}

@@ -158,7 +158,8 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, is
                          compile_s=sum(fast.compile_s.values()) if fast is not None else 0.0)
             if fast is not None:
                 extra.update(decode=sorted(set(fast.decode_choice.values())), compiled_blocks=fast.blocks,
-                             fallbacks=fast.fallbacks)
+                             capture_s=sum(fast.capture_s.values()), fallbacks=fast.fallbacks,
+                             fused_norms=lm.model.__dict__.get("_vlmlab_fused_norms", []))
             if random_weights and rows and stats.busy_s:
                 extra.update(_rates(lm, p, batch_size, max_new_tokens, rows, mode))
         finally:

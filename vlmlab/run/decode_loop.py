@@ -14,14 +14,20 @@ after every row has stopped (callers cut captions at the first stop token anyway
 """
 from __future__ import annotations
 
+from functools import partial
+
 #: steps between two reads of "has every row stopped?" (each read makes the host wait for the GPU)
 CHECK_EVERY = 8
 
 
 def greedy_without_sync(model, input_ids, logits_processor, stopping_criteria, generation_config,
-                        synced_gpus=False, streamer=None, **model_kwargs):
+                        synced_gpus=False, streamer=None, decode_step=None, **model_kwargs):
     """A ``custom_generate`` callable for ``model.generate``: greedy search without a host sync per
-    step. Sampling, beams, streamers and multi-process generation are left to ``generate``."""
+    step. Sampling, beams, streamers and multi-process generation are left to ``generate``.
+
+    ``decode_step`` (bind it with ``functools.partial``): a callable that runs a decode step's
+    inputs in place of the model's forward, a :class:`~vlmlab.run.graphed_step.GraphedStep` say.
+    It is refused (told why) where the step's mask would be built on the host."""
     import torch
 
     if generation_config.do_sample or (generation_config.num_beams or 1) > 1 or streamer is not None or synced_gpus:
@@ -39,11 +45,15 @@ def greedy_without_sync(model, input_ids, logits_processor, stopping_criteria, g
     outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
     max_length = stopping_criteria.max_length
     slots = _cache_slots(model, model_kwargs)
+    if decode_step is not None and slots is None and hasattr(decode_step, "refuse"):
+        decode_step.refuse("the decode step's mask is built on the host (no static cache with a 2D mask, "
+                           "or sliding-window, chunked or non-SDPA attention)")
     steps = 0
     with model._optimize_model_for_decode():
         while True:
             if steps:
-                outputs = forward(**_step_inputs(model, input_ids, model_kwargs, slots), return_dict=True)
+                step = _step_inputs(model, input_ids, model_kwargs, slots)
+                outputs = decode_step(step) if decode_step is not None else forward(**step, return_dict=True)
             model_kwargs = model._update_model_kwargs_for_generation(
                 outputs, model_kwargs, is_encoder_decoder=model.config.is_encoder_decoder)
             logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
@@ -106,14 +116,15 @@ def _as_given(attention_mask=None, **_):
     return attention_mask
 
 
-def without_sync(model, kwargs: dict) -> dict:
+def without_sync(model, kwargs: dict, decode_step=None) -> dict:
     """``kwargs`` for ``model.generate`` with ``custom_generate=greedy_without_sync`` added where it
     applies: greedy search, no streamer, and transformers' own ``generate`` (remote code that
-    overrides it takes its own keywords)."""
+    overrides it takes its own keywords). ``decode_step`` is handed to it (see there)."""
     from transformers import GenerationMixin
 
     greedy = not kwargs.get("do_sample") and kwargs.get("num_beams", 1) == 1 and "streamer" not in kwargs
     native = getattr(type(model), "generate", None) is GenerationMixin.generate
     if greedy and native and "custom_generate" not in kwargs:
-        return {**kwargs, "custom_generate": greedy_without_sync}
+        loop = greedy_without_sync if decode_step is None else partial(greedy_without_sync, decode_step=decode_step)
+        return {**kwargs, "custom_generate": loop}
     return kwargs

@@ -108,28 +108,43 @@ def cache_keyword(forward) -> str:
 
 #: the host's Python per decoder layer and eager decode step: 29.3 ms for llava-1.5-7b's 32 layers
 #: at batch 171 on an H200 host (transformers 5.17; benchmarks/results/gpu_fast_path.txt), where
-#: the GPU needed ~18.5 ms; a step runs no faster than layers x this without CUDA graphs
+#: the GPU needed ~18.5 ms; a step launched from Python runs no faster than layers x this
 HOST_S_PER_LAYER = 0.9e-3
+#: GPU time per decoder layer and step of the eager forward's small kernels (norms, rotary, cache
+#: writes, activations; dozens a layer) replayed from a CUDA graph, beyond the step's memory
+#: traffic; a compiled forward fuses most of them. Measured on an H200 for llava-1.5-7b (transformers
+#: 5.17, benchmarks/results/gpu_fast_path.txt): 61 us a layer at batch 1, 73 at batch 171
+EAGER_KERNELS_S_PER_LAYER = 65e-6
+#: compile the decode step where the eager kernels would add more than this share to the step
+COMPILE_ABOVE = 0.25
 #: share of the datasheet memory bandwidth a decode step reaches
 ACHIEVED_BANDWIDTH = 0.8
 PREFILLS = ("blocks", "decoder", "eager")
-DECODES = ("auto", "graphs", "eager")
+COMPILED, GRAPHS = "compiled", "graphs"
+#: after a step could not be captured: transformers' own compiled decode (torch.compile's
+#: "reduce-overhead" mode, whose CUDA graphs survive graph breaks), from the next call of that shape
+REDUCE_OVERHEAD = "reduce-overhead"
+DECODES = ("auto", COMPILED, GRAPHS, REDUCE_OVERHEAD, EAGER)
+#: torch.compile mode of a "compiled" decode step (CUDA graphs are the GraphedStep's own)
+COMPILE_MODE = "default"
 #: what ``generation_for`` builds (benchmarks set these to compare the variants)
-DEFAULT_PREFILL, DEFAULT_DECODE = "blocks", "auto"
+DEFAULT_PREFILL, DEFAULT_DECODE = "eager", "auto"
 
 
-def decode_plan(weight_bytes: float, cache_bytes: float, layers: int, bandwidth_gbs: float | None) -> tuple[bool, str]:
-    """``(graphs, why)``: replay the decode step as CUDA graphs (compiled, tens of seconds once)
-    where the host's Python would bound the step, else eager steps (nothing to compile). A step
-    reads every weight once and the static cache whole."""
+def decode_plan(weight_bytes: float, cache_bytes: float, layers: int, bandwidth_gbs: float | None) -> tuple[str, str]:
+    """``(how, why)`` a decode step runs on a GPU: always replayed as a CUDA graph (captured in a few
+    steps' time, so the host never bounds it); ``"compiled"`` where the eager forward's small kernels
+    would add more than ``COMPILE_ABOVE`` to the step's memory traffic (small batches: tens of
+    seconds of compile fuse them), else ``"graphs"`` (the eager forward's kernels, nothing compiled).
+    A step reads every weight once and the static cache whole."""
     if not bandwidth_gbs:
-        return True, "unknown memory bandwidth: decode step compiled as CUDA graphs"
-    gpu_s = (weight_bytes + cache_bytes) / (ACHIEVED_BANDWIDTH * bandwidth_gbs * 1e9)
-    host_s = layers * HOST_S_PER_LAYER
-    numbers = f"~{1e3 * gpu_s:.1f} ms of memory traffic vs ~{1e3 * host_s:.1f} ms of host work per step"
-    if gpu_s < host_s:
-        return True, f"decode step compiled as CUDA graphs: the host would bound it ({numbers})"
-    return False, f"decode steps eager, no compile: the GPU bounds them ({numbers})"
+        return GRAPHS, "unknown memory bandwidth: the eager decode step replayed as a CUDA graph"
+    traffic_s = (weight_bytes + cache_bytes) / (ACHIEVED_BANDWIDTH * bandwidth_gbs * 1e9)
+    kernels_s = layers * EAGER_KERNELS_S_PER_LAYER
+    numbers = f"~{1e3 * traffic_s:.1f} ms of memory traffic, ~{1e3 * kernels_s:.1f} ms of small kernels per step"
+    if kernels_s > COMPILE_ABOVE * traffic_s:
+        return COMPILED, f"decode step compiled, replayed as a CUDA graph: its small kernels would weigh ({numbers})"
+    return GRAPHS, f"eager decode step replayed as a CUDA graph, nothing compiled: memory traffic bounds it ({numbers})"
 
 
 class FastGenerator:
@@ -137,7 +152,9 @@ class FastGenerator:
 
     ``prefill``: ``"blocks"`` compiles the stateless blocks of every layer (seconds),
     ``"decoder"`` the whole language model per shape (a minute), ``"eager"`` nothing.
-    ``decode``: ``"auto"`` (``decode_plan`` per batch shape), ``"graphs"`` or ``"eager"``.
+    ``decode``: ``"auto"`` (``decode_plan`` per batch shape), ``"compiled"`` (the forward compiled
+    without CUDA graphs, then captured as one), ``"graphs"`` (the eager forward captured as a CUDA
+    graph) or ``"eager"`` (launched from Python every step).
     A compiled decoder prefill is put on the language model only for the length of a call, so that
     an eager ``generate`` of the same model (profiling, say) never runs it."""
 
@@ -148,6 +165,8 @@ class FastGenerator:
         self.on_compile = on_compile  # called with a message before a shape compiles
         self.compile_s: dict[tuple[int, int], float] = {}  # (batch, cache length) -> first call's seconds
         self.decode_choice: dict[tuple[int, int], str] = {}  # (batch, cache length) -> how it decodes, and why
+        self.decode_how: dict[tuple[int, int], str] = {}  # (batch, cache length) -> "compiled", "graphs" or "eager"
+        self.capture_s: dict[tuple[int, int], float] = {}  # (batch, cache length) -> warm-up and capture seconds
         self.batch_size: int | None = None  # the batch of the last call that succeeded: pad smaller ones to it
         self.blocks: list[str] = []  # the compiled blocks of one layer ("mlp", "input_layernorm" ...)
         self.fallbacks: list[str] = []  # compiles that failed, and what runs instead
@@ -155,6 +174,8 @@ class FastGenerator:
         self.decode = decode
         self._cache = None
         self._cache_key = None
+        self._step = None  # the GraphedStep bound to self._cache
+        self._compiled_forward = None
         self._cache_kw = cache_keyword(type(model).forward)
         # a cache allocated lazily inside a compiled forward would not be a static address, and the
         # decode step would lose its CUDA graph: compile only where the cache can be made first
@@ -176,7 +197,7 @@ class FastGenerator:
     def close(self):
         """Let go of the cache and the compiled prefill (compiled blocks stay: they cost no memory)."""
         self._decoder = self._prefill = None
-        self._cache = self._cache_key = None
+        self._cache = self._cache_key = self._step = None
         self.batch_size = None
 
     def generate(self, inputs: dict, max_new_tokens: int, **kwargs):
@@ -200,22 +221,24 @@ class FastGenerator:
         if self._prefill is not None:
             vars(self._decoder)["forward"] = self._prefill
         try:
-            kwargs = without_sync(self.model, kwargs)
             if self.static_cache:
                 cache = self._cache_for(key)
-                graphs = self._graphs_for(key, cache)
-                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, disable_compile=not graphs,
-                                          **{self._cache_kw: cache}, **kwargs)
+                step = self._step_for(key, cache)
+                compiles = step is None and self.decode_how[key] == REDUCE_OVERHEAD
+                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, disable_compile=not compiles,
+                                          **{self._cache_kw: cache}, **without_sync(self.model, kwargs, step))
             else:
-                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, disable_compile=True, **kwargs)
+                out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, disable_compile=True,
+                                          **without_sync(self.model, kwargs))
         except BaseException as err:
-            self._cache = self._cache_key = None
+            self._cache = self._cache_key = self._step = None
             if first and self._give_up_a_compile(err):
                 return self.generate(inputs, max_new_tokens, **kwargs)
             raise
         finally:
             if self._decoder is not None:
                 vars(self._decoder).pop("forward", None)
+        self._note_capture(key)
         if first:
             if self.model.device.type == "cuda":
                 torch.cuda.synchronize(self.model.device)
@@ -240,8 +263,8 @@ class FastGenerator:
             self.fallbacks.append(f"compiled blocks failed ({why}); they run eager")
             return True
         if self.decode != "eager":
-            self.decode, self.decode_choice = "eager", {}
-            self.fallbacks.append(f"compiled decode failed ({why}); decode steps run eager")
+            self.fallbacks.append(f"the decode step ({self.decode}) failed ({why}); decode steps run eager")
+            self.decode, self.decode_choice, self.decode_how, self._step = EAGER, {}, {}, None
             return True
         if self.static_cache:  # e.g. Mllama's cross-attention states do not fit a static cache of prompt length
             self.static_cache = False
@@ -249,15 +272,57 @@ class FastGenerator:
             return True
         return False
 
-    def _graphs_for(self, key, cache) -> bool:
-        if self.decode != "auto" or self._prefill_mode == "decoder":  # a compiled decoder decodes compiled
-            graphs = self.decode != "eager"
-            self.decode_choice.setdefault(key, f"decode {'as CUDA graphs' if graphs else 'eager'} (asked for)")
-            return graphs
-        if key not in self.decode_choice:
-            graphs, why = decode_plan(*self._step_bytes(cache), self._layers(), self._bandwidth())
-            self.decode_choice[key] = why
-        return "CUDA graphs" in self.decode_choice[key]
+    def _step_for(self, key, cache):
+        """The GraphedStep for this shape's cache, or None where decode steps run eager."""
+        from vlmlab.run.graphed_step import GraphedStep
+
+        how = self._decode_for(key, cache)
+        if how in (EAGER, REDUCE_OVERHEAD):
+            return None
+        if self._step is None or self._step.cache is not cache:
+            forward = self._compiled() if how == COMPILED else self.model.__call__
+            self._step = GraphedStep(forward, cache, fallback=self._reduce_overhead())
+        return self._step
+
+    def _decode_for(self, key, cache) -> str:
+        if key not in self.decode_how:
+            if self.decode != "auto":
+                how, why = self.decode, f"decode: {self.decode} (asked for)"
+            elif self.model.device.type != "cuda":
+                how, why = EAGER, "decode steps eager: CUDA graphs need a GPU"
+            else:
+                how, why = decode_plan(*self._step_bytes(cache), self._layers(), self._bandwidth())
+            self.decode_how[key], self.decode_choice[key] = how, why
+        return self.decode_how[key]
+
+    def _compiled(self):
+        import torch
+
+        if self._compiled_forward is None:  # CUDA graphs are the GraphedStep's: inductor only fuses
+            self._compiled_forward = torch.compile(self.model.__call__, dynamic=False, mode=COMPILE_MODE)
+        return self._compiled_forward
+
+    def _reduce_overhead(self):
+        """transformers' own compiled forward (the one ``generate`` compiles: "reduce-overhead" mode,
+        CUDA graphs that survive graph breaks), for steps that cannot be captured whole; the same
+        object ``generate`` reuses in later calls. None off a GPU."""
+        if self.model.device.type != "cuda":
+            return None
+        return self.model.get_compiled_call(getattr(self.model.generation_config, "compile_config", None))
+
+    def _note_capture(self, key) -> None:
+        step = self._step
+        if step is None or key in self.capture_s:
+            return
+        if step.graph is not None:
+            self.capture_s[key] = step.capture_s
+        elif step.failed is not None:
+            self.capture_s[key] = 0.0
+            then = REDUCE_OVERHEAD if self.model.device.type == "cuda" else EAGER
+            self.fallbacks.append(f"the decode step of batch {key[0]} was not captured as a CUDA graph "
+                                  f"({step.failed}); from the next call on it runs {then}")
+            self.decode_how[key], self._step = then, None
+            self.decode_choice[key] += f"; not captured, so {then} from the second call on"
 
     def _step_bytes(self, cache) -> tuple[int, int]:
         model = self.model
@@ -293,7 +358,7 @@ class FastGenerator:
             return self._cache
         from transformers import StaticCache
 
-        self._cache = self._cache_key = None  # the old shape's memory goes before the new one is taken
+        self._cache = self._cache_key = self._step = None  # the old shape's memory goes before the new one is taken
         model = self.model
         cache = StaticCache(config=model.config, max_cache_len=key[1])
         shape = self._init_shape

@@ -17,6 +17,8 @@ from vlmlab.model.memory import canonical_dtype
 from vlmlab.plan.plan import Plan
 
 _REGISTRY: list["LoadedModel"] = []
+#: RMSNorm layers on torch's fused kernel at load (``vlmlab.run.fused_norms``); benchmarks compare without
+FUSED_NORMS = True
 
 
 class AlreadyLoadedError(RuntimeError):
@@ -136,9 +138,12 @@ def load(model=None, gpus=None, strategy: str = "single", dtype: str | None = No
     else:
         model_obj, processor = _pretrained(ms, dm, p.dtype, trust_remote_code, allow_pickle)
     model_obj.eval()
+    from vlmlab.run.fused_norms import fuse_rms_norms
     from vlmlab.run.packed_attention import use_packed_attention
 
     use_packed_attention(model_obj)  # windowed vision towers: one SDPA call per window length, not per window
+    if FUSED_NORMS:
+        model_obj.__dict__["_vlmlab_fused_norms"] = fuse_rms_norms(model_obj)  # on a GPU in half precision only
     lm = LoadedModel(p.model, model_obj, processor, p, p.dtype, devices, random_weights, replica=replica)
     _REGISTRY.append(lm)
     return lm
