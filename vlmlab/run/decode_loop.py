@@ -45,8 +45,10 @@ def greedy_without_sync(model, input_ids, logits_processor, stopping_criteria, g
     outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
     max_length = stopping_criteria.max_length
     slots = _cache_slots(model, model_kwargs)
-    if decode_step is not None and slots is None and hasattr(decode_step, "refuse"):
-        decode_step.refuse("the decode step's mask is built on the host (no static cache with a 2D mask, "
+    if slots is None and model_kwargs.get("attention_mask") is not None and hasattr(decode_step, "refuse"):
+        # transformers would build the step's 4D mask from the 2D one, deciding on the host whether
+        # it may skip it; without a 2D mask it makes it on the device from the cache positions
+        decode_step.refuse("the decode step's mask is built on the host (a 2D mask without a static cache, "
                            "or sliding-window, chunked or non-SDPA attention)")
     steps = 0
     with model._optimize_model_for_decode():

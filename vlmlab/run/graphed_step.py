@@ -98,11 +98,7 @@ class GraphedStep:
         stream.wait_stream(torch.cuda.current_stream(device))
         try:
             with torch.cuda.stream(stream):
-                for _ in range(WARMUP_STEPS):
-                    self.forward(**static, return_dict=True)
-                    _restore(counters)
-                    if _numbers(self.cache) != numbers:
-                        raise NotCapturable("the cache keeps Python-side state that a replay would not advance")
+                self._warm_up(static, counters, numbers)
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             # thread_local: the processor's prefetch thread may copy the next batch to the GPU meanwhile
@@ -113,6 +109,16 @@ class GraphedStep:
             _restore(counters)
         self.graph, self._static, self._outputs = graph, static, outputs
         self.capture_s = time.perf_counter() - t0
+
+
+    def _warm_up(self, static: dict, counters: list, numbers: list) -> None:
+        """Run the step ``WARMUP_STEPS`` times on ``static``, each time putting the cache's counters
+        back, so that the real step after the capture is the next one."""
+        for _ in range(WARMUP_STEPS):
+            self.forward(**static, return_dict=True)
+            _restore(counters)
+            if _numbers(self.cache) != numbers:
+                raise NotCapturable("the cache keeps Python-side state that a replay would not advance")
 
 
 def _plain(value) -> bool:

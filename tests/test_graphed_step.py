@@ -1,0 +1,135 @@
+"""The decode step replayed as a CUDA graph (vlmlab.run.graphed_step), on the CPU.
+
+CUDA graphs need a GPU, so the capture itself is checked by benchmarks/gpu_smoke.py on one. Here:
+the refusal off a GPU (the step still runs), and everything around the capture, with a stand-in
+for the recording that keeps the real warm-up, counters and copy-in: the warm-up steps leave the
+static cache as they found it, replays see each step's inputs, and the tokens equal generate's."""
+import pytest
+
+from vlmlab.run import fast_generate as fg
+from vlmlab.run import graphed_step as gs
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlmlab.model.spec import spec
+
+    ms = spec("vlmlab/tiny-captioner")
+    model = AutoModelForImageTextToText.from_pretrained(ms.path, dtype=torch.float32).eval()
+    return ms, model
+
+
+def _inputs(ms, batch, seed=0):
+    from vlmlab.model.dummy_inputs import caption_inputs
+
+    return caption_inputs(ms, batch, prompt_tokens=6, seed=seed)
+
+
+class _Replay:
+    """The recording's stand-in: a replay runs the forward on the static inputs."""
+
+    def __init__(self, step, static):
+        self.step, self.static = step, static
+
+    def replay(self):
+        self.step._outputs = self.step.forward(**self.static, return_dict=True)
+
+
+class CpuGraphedStep(gs.GraphedStep):
+    """GraphedStep with the CUDA recording swapped for _Replay; warm-up and copy-in are its own."""
+
+    def _capture(self, inputs):
+        import torch
+
+        static = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in inputs.items()}
+        self._warm_up(static, gs._counters(self.cache), gs._numbers(self.cache))
+        self.graph, self._static = _Replay(self, static), static
+
+
+def test_off_a_gpu_the_step_is_refused_and_still_runs():
+    import torch
+
+    calls = []
+
+    def forward(**kw):
+        calls.append(kw)
+        return {"logits": kw["x"] * 2}
+
+    step = gs.GraphedStep(forward, cache=None)
+    out = step({"x": torch.ones(2), "use_cache": True})
+    assert torch.equal(out["logits"], torch.full((2,), 2.0)) and len(calls) == 1
+    assert "GPU" in step.failed and step.graph is None and step.replays == 0
+    step({"x": torch.ones(2)})  # later steps go straight to the forward
+    assert len(calls) == 2
+
+
+def test_a_fallback_runs_the_steps_that_cannot_be_captured():
+    import torch
+
+    step = gs.GraphedStep(lambda **kw: "forward", cache=None, fallback=lambda **kw: "fallback")
+    assert step({"x": torch.ones(1)}) == "fallback"
+    refused = gs.GraphedStep(lambda **kw: "forward", cache=None)
+    refused.refuse("the mask is built on the host")
+    assert refused.failed == "the mask is built on the host"
+
+
+def test_inputs_that_change_shape_or_kind_stop_the_replays():
+    import torch
+
+    step = CpuGraphedStep(lambda **kw: {"logits": kw["x"].sum()}, cache=None, fallback=lambda **kw: "fallback")
+    assert step({"x": torch.ones(3), "n": 1})["logits"] == 3
+    assert step({"x": torch.full((3,), 2.0), "n": 1})["logits"] == 6  # copied into the static input
+    assert step.replays == 2
+    assert step({"x": torch.ones(4), "n": 1}) == "fallback"  # grew: a graph has fixed shapes
+    assert "changed shape" in step.failed and step.graph is None
+    other = CpuGraphedStep(lambda **kw: {"logits": 0}, cache=None, fallback=lambda **kw: "fallback")
+    other({"x": torch.ones(1), "n": 1})
+    assert other({"x": torch.ones(1), "n": 2}) == "fallback" and "plain value" in other.failed
+
+
+def test_python_side_cache_state_is_not_captured():
+    import torch
+
+    class Layer:
+        def __init__(self):
+            self.seen = 0
+
+    class Cache:
+        layers = [Layer()]
+
+    cache = Cache()
+
+    def forward(**kw):
+        cache.layers[0].seen += 1  # a replay would never run this line
+        return {"logits": kw["x"]}
+
+    step = CpuGraphedStep(forward, cache, fallback=lambda **kw: "fallback")
+    assert step({"x": torch.ones(1)}) == "fallback"
+    assert "Python-side state" in step.failed
+
+
+def test_warm_up_leaves_the_static_cache_as_it_was_and_tokens_equal_generate(tiny, monkeypatch):
+    import torch
+
+    ms, model = tiny
+    made = []
+
+    class Recording(CpuGraphedStep):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(gs, "GraphedStep", Recording)
+    gen = fg.FastGenerator(model, prefill="eager", decode="graphs")
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
+    with torch.inference_mode():
+        for seed in (0, 1):  # the second call reuses the cache and the captured step
+            inputs = _inputs(ms, 3, seed)
+            assert torch.equal(gen.generate(inputs, **kw), model.generate(**inputs, **kw))
+    assert len(made) == 1 and made[0].failed is None
+    assert made[0].replays == 2 * 5  # every decode step after each call's prefill
+    assert gen.decode_how == {(3, fg.cache_length(inputs["input_ids"].shape[1], 6)): "graphs"}
+    assert gen.fallbacks == []
