@@ -46,7 +46,7 @@ def tiny_meta():
 
 def test_static_on_one_gpu(tiny_meta):
     mode, why = fg.choose_generation(tiny_meta, [0])
-    assert mode == "static+compile" and "one GPU" in why
+    assert mode == "static+graphs" and "one GPU" in why
 
 
 @pytest.mark.parametrize("devices,needle", [(["cpu"], "not on a GPU"), ([0, 1], "split over 2 GPUs"), ([], "not on a GPU")])
@@ -72,10 +72,10 @@ def test_eager_for_a_quantisation_that_cannot_compile(tiny_meta):
 
 def test_asked_paths(tiny_meta):
     assert fg.choose_generation(tiny_meta, [0], "eager") == ("eager", "eager generate was asked for")
-    assert fg.choose_generation(tiny_meta, [0], None)[0] == "static+compile"
+    assert fg.choose_generation(tiny_meta, [0], None)[0] == "static+graphs"
     with pytest.raises(ValueError, match="not possible here: not on a GPU"):
-        fg.choose_generation(tiny_meta, ["cpu"], "static+compile")
-    with pytest.raises(ValueError, match="generation must be one of auto, static\\+compile, eager"):
+        fg.choose_generation(tiny_meta, ["cpu"], "static+graphs")
+    with pytest.raises(ValueError, match="generation must be one of auto, static\\+graphs, eager"):
         fg.choose_generation(tiny_meta, [0], "fast")
 
 

@@ -1,23 +1,26 @@
-"""The fast generation path: a static KV cache, compiled blocks and a host that never waits.
+"""The fast generation path: a static KV cache, decode steps replayed as CUDA graphs, and a host
+that never waits.
 
 ``choose_generation`` picks the path from what the model and its placement allow, and says why;
 ``FastGenerator`` runs ``generate`` on it:
 
 - one ``StaticCache`` per (batch, cache length), allocated and initialised before the first
-  forward (so torch marks its tensors as static addresses and a compiled decode step can run as a
-  CUDA graph), reset and reused by every later call of that shape;
+  forward (static addresses for a CUDA graph), reset and reused by every later call of that shape;
 - decoding through ``vlmlab.run.decode_loop.greedy_without_sync``: ``generate``'s own loop
   without its host sync per step, so the host queues step n+1 while the GPU runs step n;
-- the stateless blocks of every decoder layer (MLP, norms) are compiled once (regional
-  compilation: one graph serves all layers, seconds instead of a minute), which fuses the
-  activations and norms that eager prefill spends a fifth of its time on;
-- the decode step, per batch shape: where the host's Python for one step takes longer than the
-  GPU's memory traffic for it (small batches), transformers' compiled forward replayed as CUDA
-  graphs (``mode="reduce-overhead"``, tens of seconds to compile); where the GPU takes longer
-  (large batches: the static cache is read whole every step), eager steps cost no more and
-  compile nothing (``decode_plan``);
+- the decode step, per batch shape, replayed as a CUDA graph captured from the model's own
+  forward (``vlmlab.run.graphed_step``: a few steps' time, nothing compiled), so the host's
+  Python (~0.9 ms a layer) never bounds it; where the eager forward's small kernels would still
+  weigh next to the step's memory traffic (small batches), the forward is compiled first
+  (``decode_plan``; tens of seconds once per shape). A step that cannot be captured (inputs that
+  grow with the sequence, a cache with Python-side state) runs transformers' own compiled decode
+  (torch.compile's "reduce-overhead" mode) instead, and ``fallbacks`` says so;
+- prefills eager by default: the RMSNorms, a tenth of an eager prefill, already run on torch's fused
+  kernel (``vlmlab.run.fused_norms``, at load), and the compiled MLP blocks
+  (``vlmlab.run.compiled_blocks``, ``prefill="blocks"``) save a further ~2 % for seconds of compile,
+  which only runs of thousands of images pay back;
 - the cache length is rounded up to ``CACHE_BUCKET`` tokens and callers pad a last, smaller
-  batch to the compiled batch size (``padded_size``), so that a run compiles each shape once.
+  batch to the batch of the last call (``padded_size``), so that a run captures each shape once.
 
 ``FastGenerator.compile_s`` records each shape's first call and ``on_compile`` lets a progress
 bar say so. Anywhere else (the CPU, a model split over several GPUs, a model that does not declare
@@ -29,7 +32,7 @@ from __future__ import annotations
 import inspect
 import time
 
-STATIC = "static+compile"
+STATIC = "static+graphs"
 EAGER = "eager"
 MODES = ("auto", STATIC, EAGER)
 #: cache lengths are multiples of this, so prompts of slightly different lengths share a graph
@@ -64,8 +67,8 @@ def even_batches(n: int, limit: int) -> int:
 
 
 def choose_generation(model, devices, requested: str | None = "auto") -> tuple[str, str]:
-    """``(mode, reason)``: ``"static+compile"`` where the model and its placement allow it, else
-    ``"eager"`` with the reason. ``requested="static+compile"`` raises instead of falling back."""
+    """``(mode, reason)``: ``"static+graphs"`` where the model and its placement allow it, else
+    ``"eager"`` with the reason. ``requested="static+graphs"`` raises instead of falling back."""
     if requested is None:
         requested = "auto"
     if requested not in MODES:
@@ -74,10 +77,10 @@ def choose_generation(model, devices, requested: str | None = "auto") -> tuple[s
         return EAGER, "eager generate was asked for"
     reason = _why_not_static(model, devices)
     if reason is None:
-        return STATIC, (f"{type(model).__name__} on one GPU: static KV cache, compiled blocks, decode steps "
-                        "compiled as CUDA graphs where the host would bound them")
+        return STATIC, (f"{type(model).__name__} on one GPU: static KV cache, decode steps replayed as CUDA "
+                        "graphs (compiled first where small kernels would weigh)")
     if requested == STATIC:
-        raise ValueError(f"generation='static+compile' is not possible here: {reason}")
+        raise ValueError(f"generation='static+graphs' is not possible here: {reason}")
     return EAGER, reason
 
 
@@ -106,10 +109,6 @@ def cache_keyword(forward) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-#: the host's Python per decoder layer and eager decode step: 29.3 ms for llava-1.5-7b's 32 layers
-#: at batch 171 on an H200 host (transformers 5.17; benchmarks/results/gpu_fast_path.txt), where
-#: the GPU needed ~18.5 ms; a step launched from Python runs no faster than layers x this
-HOST_S_PER_LAYER = 0.9e-3
 #: GPU time per decoder layer and step of the eager forward's small kernels (norms, rotary, cache
 #: writes, activations; dozens a layer) replayed from a CUDA graph, beyond the step's memory
 #: traffic; a compiled forward fuses most of them. Measured on an H200 for llava-1.5-7b (transformers
@@ -150,8 +149,8 @@ def decode_plan(weight_bytes: float, cache_bytes: float, layers: int, bandwidth_
 class FastGenerator:
     """``generate`` on the static-cache path for one model on one GPU; reuse it across calls.
 
-    ``prefill``: ``"blocks"`` compiles the stateless blocks of every layer (seconds),
-    ``"decoder"`` the whole language model per shape (a minute), ``"eager"`` nothing.
+    ``prefill``: ``"eager"`` (the default of ``generation_for``), ``"blocks"`` compiles the stateless
+    blocks of every layer (seconds), ``"decoder"`` the whole language model per shape (a minute).
     ``decode``: ``"auto"`` (``decode_plan`` per batch shape), ``"compiled"`` (the forward compiled
     without CUDA graphs, then captured as one), ``"graphs"`` (the eager forward captured as a CUDA
     graph) or ``"eager"`` (launched from Python every step).

@@ -20,9 +20,10 @@ from functools import partial
 TOLERANCE = 2e-2
 
 
-def fuse_rms_norms(model) -> list[str]:
+def fuse_rms_norms(model, device_types=("cuda",)) -> list[str]:
     """Run the RMSNorm layers of ``model`` that pass the check on ``F.rms_norm``; returns the class
-    names fused. Only on a GPU and in float16/bfloat16: elsewhere nothing changes."""
+    names fused. Only on ``device_types`` (a GPU) and in float16/bfloat16: elsewhere nothing changes
+    (on the CPU torch's kernel is not fused, and the bundled model's float32 captions stay exact)."""
     import torch
 
     fused, checked = [], {}
@@ -31,7 +32,7 @@ def fuse_rms_norms(model) -> list[str]:
         weight, eps = getattr(module, "weight", None), _epsilon(module)
         if not cls.endswith("RMSNorm") or eps is None or not isinstance(weight, torch.nn.Parameter):
             continue
-        if weight.ndim != 1 or weight.device.type != "cuda" or weight.dtype not in (torch.float16, torch.bfloat16):
+        if weight.ndim != 1 or weight.device.type not in device_types or weight.dtype not in (torch.float16, torch.bfloat16):
             continue
         key = (type(module), weight.dtype)
         if key not in checked:
