@@ -130,3 +130,18 @@ def test_a_model_whose_states_do_not_fit_a_static_cache_falls_back_to_generates_
         out = gen.generate(dict(inputs), **kw)
         assert torch.equal(out, model.generate(**inputs, **kw))
     assert gen.static_cache is False and "the static cache failed" in gen.fallbacks[-1]
+
+
+def test_per_token_inputs_are_cut_to_the_step_as_newer_transformers_cut_them():
+    """transformers 5.17 hands mm_token_type_ids to a decode step whole (5.24 cuts it to the step's
+    tokens): it would grow a column a step, and a CUDA graph has fixed shapes."""
+    import torch
+
+    step = {"input_ids": torch.ones(2, 1, dtype=torch.long),
+            "mm_token_type_ids": torch.tensor([[0, 1, 1, 0, 0], [1, 1, 0, 0, 0]]),
+            "token_type_ids": torch.zeros(2, 1, dtype=torch.long), "image_grid_thw": torch.ones(2, 3)}
+    out = decode_loop._per_step(dict(step))
+    assert out["mm_token_type_ids"].tolist() == [[0], [0]]
+    assert out["token_type_ids"] is step["token_type_ids"] and out["image_grid_thw"] is step["image_grid_thw"]
+    embeds = {"inputs_embeds": torch.ones(2, 1, 4), "mm_token_type_ids": torch.zeros(2, 5)}
+    assert decode_loop._per_step(dict(embeds))["mm_token_type_ids"].shape == (2, 5)  # no input_ids: left alone

@@ -103,7 +103,7 @@ def _cache_slots(model, model_kwargs):
 
 def _step_inputs(model, input_ids, model_kwargs, slots) -> dict:
     if slots is None:
-        return model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
+        return _per_step(model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs))
     vars(model)["create_masks_for_generate"] = _as_given  # the 2D mask passes through untouched
     try:
         step = model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
@@ -111,6 +111,25 @@ def _step_inputs(model, input_ids, model_kwargs, slots) -> dict:
         vars(model).pop("create_masks_for_generate", None)
     allowed, positions = slots
     step["attention_mask"] = (allowed & (positions <= input_ids.shape[1] - 1))[:, None, None, :]
+    return _per_step(step)
+
+
+#: inputs with a value per token that a step gets for its own tokens only
+_PER_TOKEN = ("token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
+
+
+def _per_step(step: dict) -> dict:
+    """The per-token inputs cut to the step's tokens, as transformers 5.24 cuts them in
+    ``prepare_inputs_for_generation``; 5.17 hands ``mm_token_type_ids`` over whole, so it grows by
+    a column every step (Qwen2.5-VL), which no fixed-shape CUDA graph can take. In a decode step the
+    models read them only for the new tokens (their 3D positions come from the prefill's deltas)."""
+    ids = step.get("input_ids")
+    if ids is None or ids.ndim != 2:
+        return step
+    for name in _PER_TOKEN:
+        value = step.get(name)
+        if value is not None and getattr(value, "ndim", 0) >= 2 and value.shape[-1] > ids.shape[1]:
+            step[name] = value[..., -ids.shape[1]:].contiguous()
     return step
 
 
