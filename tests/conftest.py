@@ -32,3 +32,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """``(spec, model)``: the bundled captioner in float32 on the CPU, one per test module (tests
+    patch its generate and compile its blocks, so modules do not share it)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlmlab.model.spec import spec
+
+    ms = spec("vlmlab/tiny-captioner")
+    model = AutoModelForImageTextToText.from_pretrained(ms.path, dtype=torch.float32).eval()
+    return ms, model
+
+
+def tiny_inputs(ms, batch=3, seed=0):
+    """Caption-shaped inputs of ``batch`` rows for the tiny captioner (6 prompt tokens)."""
+    from vlmlab.model.dummy_inputs import caption_inputs
+
+    return caption_inputs(ms, batch, prompt_tokens=6, seed=seed)
+

@@ -5,24 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vlmlab.run import decode_loop
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    from vlmlab.model.spec import spec
-
-    ms = spec("vlmlab/tiny-captioner")
-    model = AutoModelForImageTextToText.from_pretrained(ms.path, dtype=torch.float32).eval()
-    return ms, model
-
-
-def _inputs(ms, batch=3, seed=0):
-    from vlmlab.model.dummy_inputs import caption_inputs
-
-    return caption_inputs(ms, batch, prompt_tokens=6, seed=seed)
+from tests.conftest import tiny_inputs
 
 
 def _run(model, inputs, **kw):
@@ -34,7 +17,7 @@ def _run(model, inputs, **kw):
 
 def test_same_tokens_as_generate_with_rows_stopping_at_different_steps(tiny):
     ms, model = tiny
-    inputs = _inputs(ms)
+    inputs = tiny_inputs(ms)
     prompt = inputs["input_ids"].shape[1]
     free = _run(model, inputs, max_new_tokens=6, min_new_tokens=6)[:, prompt:]
     stop = int(free[0, 2])  # row 0 stops after 3 tokens; the others when (if) they write it
@@ -51,7 +34,7 @@ def test_same_tokens_as_generate_with_rows_stopping_at_different_steps(tiny):
 
 def test_stops_at_the_next_check_once_every_row_has_stopped(tiny):
     ms, model = tiny
-    inputs = _inputs(ms, batch=2)
+    inputs = tiny_inputs(ms, batch=2)
     prompt = inputs["input_ids"].shape[1]
     first = _run(model, inputs, max_new_tokens=1)[:, prompt]
     kw = dict(max_new_tokens=5 * decode_loop.CHECK_EVERY, eos_token_id=first.tolist(), pad_token_id=0)
@@ -72,7 +55,7 @@ def test_without_sync_only_where_it_applies(tiny):
 def test_refuses_sampling(tiny):
     ms, model = tiny
     with pytest.raises(ValueError, match="decodes greedily"):
-        _run(model, _inputs(ms, 1), max_new_tokens=2, custom_generate=decode_loop.greedy_without_sync,
+        _run(model, tiny_inputs(ms, 1), max_new_tokens=2, custom_generate=decode_loop.greedy_without_sync,
              num_beams=2)
 
 

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from vlmlab.run import fast_generate as fg
+from tests.conftest import tiny_inputs
 
 
 # ---- shapes and batches ------------------------------------------------------------------------
@@ -87,24 +88,6 @@ def test_cache_keyword_follows_the_forward_signature(tiny_meta):
 
 
 # ---- the static cache on the CPU (no compile there: transformers compiles on accelerators only) --
-@pytest.fixture(scope="module")
-def tiny():
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    from vlmlab.model.spec import spec
-
-    ms = spec("vlmlab/tiny-captioner")
-    model = AutoModelForImageTextToText.from_pretrained(ms.path, dtype=torch.float32).eval()
-    return ms, model
-
-
-def _inputs(ms, batch, seed=0):
-    from vlmlab.model.dummy_inputs import caption_inputs
-
-    return caption_inputs(ms, batch, prompt_tokens=6, seed=seed)
-
-
 def test_static_cache_matches_eager_and_is_reused(tiny):
     import torch
 
@@ -113,7 +96,7 @@ def test_static_cache_matches_eager_and_is_reused(tiny):
     kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
     with torch.inference_mode():
         for seed in (0, 1):  # the second call resets and reuses the first call's cache
-            inputs = _inputs(ms, 3, seed)
+            inputs = tiny_inputs(ms, 3, seed)
             eager = model.generate(**inputs, **kw)
             fast = gen.generate(inputs, **kw)
             assert torch.equal(fast, eager)
@@ -122,7 +105,7 @@ def test_static_cache_matches_eager_and_is_reused(tiny):
         assert gen._cache is first_cache
         assert list(gen.compile_s) == [(3, fg.cache_length(inputs["input_ids"].shape[1], 5))]
         assert gen.batch_size == 3
-        gen.generate(_inputs(ms, 2), **kw)  # a new shape: a new cache, and the old one is let go
+        gen.generate(tiny_inputs(ms, 2), **kw)  # a new shape: a new cache, and the old one is let go
         assert gen.batch_size == 2 and gen._cache is not first_cache and len(gen.compile_s) == 2
     gen.close()
     assert gen.batch_size is None
@@ -146,11 +129,11 @@ def test_compiled_prefill_is_on_the_decoder_only_during_a_call(tiny, monkeypatch
     gen = fg.FastGenerator(model, prefill="decoder")
     assert "forward" not in vars(decoder)
     with torch.inference_mode():
-        gen.generate(_inputs(ms, 2), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        gen.generate(tiny_inputs(ms, 2), max_new_tokens=3, min_new_tokens=3, do_sample=False)
         assert calls, "the prefill went through the compiled forward"
         assert "forward" not in vars(decoder)  # gone again after the call
         n = len(calls)
-        model.generate(**_inputs(ms, 2), max_new_tokens=3, do_sample=False)  # plain generate: never the compiled one
+        model.generate(**tiny_inputs(ms, 2), max_new_tokens=3, do_sample=False)  # plain generate: never the compiled one
     assert len(calls) == n
 
 
@@ -160,10 +143,10 @@ def test_an_error_lets_the_cache_go_and_keeps_the_last_good_batch(tiny, monkeypa
     ms, model = tiny
     gen = fg.FastGenerator(model, prefill="eager")
     with torch.inference_mode():
-        gen.generate(_inputs(ms, 2), max_new_tokens=2, do_sample=False)
+        gen.generate(tiny_inputs(ms, 2), max_new_tokens=2, do_sample=False)
         monkeypatch.setattr(model, "generate", lambda **kw: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
         with pytest.raises(RuntimeError, match="out of memory"):
-            gen.generate(_inputs(ms, 4), max_new_tokens=2, do_sample=False)
+            gen.generate(tiny_inputs(ms, 4), max_new_tokens=2, do_sample=False)
     assert gen._cache is None and gen.batch_size == 2
 
 
@@ -244,9 +227,9 @@ def test_a_longer_cache_of_the_same_batch_is_reused(tiny):
     gen, notes = fg.FastGenerator(model, prefill="eager"), []
     gen.on_compile = notes.append
     with torch.inference_mode():
-        gen.generate(_inputs(ms, 2), max_new_tokens=60, do_sample=False)
+        gen.generate(tiny_inputs(ms, 2), max_new_tokens=60, do_sample=False)
         cache = gen._cache
-        gen.generate(_inputs(ms, 2), max_new_tokens=1, do_sample=False)  # a prefill-only call: same shape
+        gen.generate(tiny_inputs(ms, 2), max_new_tokens=1, do_sample=False)  # a prefill-only call: same shape
     assert gen._cache is cache and len(gen.compile_s) == 1
     assert notes[0].startswith("compiling for batch 2") and notes[1].startswith("compiled for batch 2 in")
 
@@ -353,7 +336,7 @@ def test_stateless_blocks_of_every_layer_are_compiled_and_the_output_is_unchange
         return wrapped
 
     kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    inputs = _inputs(ms, 2)
+    inputs = tiny_inputs(ms, 2)
     with torch.inference_mode():
         eager = model.generate(**inputs, **kw)
         try:
@@ -397,7 +380,7 @@ def test_a_failing_compile_falls_back_to_eager_blocks_and_says_why(tiny, monkeyp
     real = cb.compile_blocks
     monkeypatch.setattr(cb, "compile_blocks", lambda m: real(m, broken_compile))
     gen = fg.FastGenerator(model, prefill="blocks")
-    inputs = _inputs(ms, 2)
+    inputs = tiny_inputs(ms, 2)
     kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
     with torch.inference_mode():
         out = gen.generate(inputs, **kw)
@@ -406,5 +389,5 @@ def test_a_failing_compile_falls_back_to_eager_blocks_and_says_why(tiny, monkeyp
     assert all(getattr(m, "_compiled_call_impl", None) is None for m in model.modules())
     with pytest.raises(RuntimeError, match="out of memory"):  # memory is not a compile problem: no retry
         monkeypatch.setattr(model, "generate", lambda **k: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
-        gen.generate(_inputs(ms, 3), **kw)
+        gen.generate(tiny_inputs(ms, 3), **kw)
 

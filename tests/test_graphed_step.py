@@ -8,24 +8,7 @@ import pytest
 
 from vlmlab.run import fast_generate as fg
 from vlmlab.run import graphed_step as gs
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    from vlmlab.model.spec import spec
-
-    ms = spec("vlmlab/tiny-captioner")
-    model = AutoModelForImageTextToText.from_pretrained(ms.path, dtype=torch.float32).eval()
-    return ms, model
-
-
-def _inputs(ms, batch, seed=0):
-    from vlmlab.model.dummy_inputs import caption_inputs
-
-    return caption_inputs(ms, batch, prompt_tokens=6, seed=seed)
+from tests.conftest import tiny_inputs
 
 
 class _Replay:
@@ -111,23 +94,29 @@ def test_python_side_cache_state_is_not_captured():
     assert "Python-side state" in step.failed
 
 
-def test_warm_up_leaves_the_static_cache_as_it_was_and_tokens_equal_generate(tiny, monkeypatch):
-    import torch
-
-    ms, model = tiny
-    made = []
+@pytest.fixture
+def made(monkeypatch):
+    """The GraphedSteps that fast_generate makes, each a CpuGraphedStep."""
+    steps = []
 
     class Recording(CpuGraphedStep):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
-            made.append(self)
+            steps.append(self)
 
     monkeypatch.setattr(gs, "GraphedStep", Recording)
+    return steps
+
+
+def test_warm_up_leaves_the_static_cache_as_it_was_and_tokens_equal_generate(tiny, made):
+    import torch
+
+    ms, model = tiny
     gen = fg.FastGenerator(model, prefill="eager", decode="graphs")
     kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
     with torch.inference_mode():
         for seed in (0, 1):  # the second call reuses the cache and the captured step
-            inputs = _inputs(ms, 3, seed)
+            inputs = tiny_inputs(ms, 3, seed)
             assert torch.equal(gen.generate(inputs, **kw), model.generate(**inputs, **kw))
     assert len(made) == 1 and made[0].failed is None
     assert made[0].replays == 2 * 5  # every decode step after each call's prefill
@@ -135,13 +124,7 @@ def test_warm_up_leaves_the_static_cache_as_it_was_and_tokens_equal_generate(tin
     assert gen.fallbacks == []
 
 
-@pytest.fixture(scope="module")
-def family_names(tiny_vlms):
-    return sorted(tiny_vlms)
-
-
-def test_every_tiny_family_decodes_through_the_graphed_step_to_generates_tokens(tiny_vlms, one_torch_thread,
-                                                                                monkeypatch):
+def test_every_tiny_family_decodes_through_the_graphed_step_to_generates_tokens(tiny_vlms, one_torch_thread, made):
     """Every family's decode step through the graphed step (warm-up, capture's stand-in, copy-in),
     or, where the step cannot be replayed, through its fallback: generate's tokens either way."""
     import torch
@@ -149,14 +132,6 @@ def test_every_tiny_family_decodes_through_the_graphed_step_to_generates_tokens(
 
     from tests.test_decode_loop import _batch
 
-    made = []
-
-    class Recording(CpuGraphedStep):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
-
-    monkeypatch.setattr(gs, "GraphedStep", Recording)
     kw = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False}
     replayed, refused = [], {}
     for family in sorted(tiny_vlms):
