@@ -231,7 +231,8 @@ def test_a_longer_cache_of_the_same_batch_is_reused(tiny):
         cache = gen._cache
         gen.generate(tiny_inputs(ms, 2), max_new_tokens=1, do_sample=False)  # a prefill-only call: same shape
     assert gen._cache is cache and len(gen.compile_s) == 1
-    assert notes[0].startswith("compiling for batch 2") and notes[1].startswith("compiled for batch 2 in")
+    assert notes[0].startswith("preparing batch 2") and notes[1].startswith("batch 2 ready in")
+    assert notes[1].endswith("(decode: eager)")  # on the CPU
 
 
 # ---- batch size chosen by the planner ----------------------------------------------------------

@@ -157,11 +157,11 @@ class FastGenerator:
     A compiled decoder prefill is put on the language model only for the length of a call, so that
     an eager ``generate`` of the same model (profiling, say) never runs it."""
 
-    def __init__(self, model, on_compile=None, prefill: str = "blocks", decode: str = "auto"):
+    def __init__(self, model, on_compile=None, prefill: str = "eager", decode: str = "auto"):
         if prefill not in PREFILLS or decode not in DECODES:
             raise ValueError(f"prefill must be one of {PREFILLS} and decode one of {DECODES}, got {prefill!r}, {decode!r}")
         self.model = model
-        self.on_compile = on_compile  # called with a message before a shape compiles
+        self.on_compile = on_compile  # called with a message before and after a shape's first call
         self.compile_s: dict[tuple[int, int], float] = {}  # (batch, cache length) -> first call's seconds
         self.decode_choice: dict[tuple[int, int], str] = {}  # (batch, cache length) -> how it decodes, and why
         self.decode_how: dict[tuple[int, int], str] = {}  # (batch, cache length) -> "compiled", "graphs" or "eager"
@@ -213,7 +213,8 @@ class FastGenerator:
             key = self._cache_key  # a longer cache of this batch serves too: no new shape to compile
         first = key not in self.compile_s
         if first and self.on_compile is not None:
-            self.on_compile(f"compiling for batch {key[0]}, {key[1]} cache tokens (once per shape)...")
+            self.on_compile(f"preparing batch {key[0]}, {key[1]} cache tokens: capturing the decode step "
+                            "(compiling it where chosen), once per shape...")
         t0 = time.perf_counter()
         if self._prefill_mode == "blocks" and not self.blocks:
             self.blocks = compile_blocks(self.model) or ["(none)"]
@@ -243,7 +244,8 @@ class FastGenerator:
                 torch.cuda.synchronize(self.model.device)
             self.compile_s[key] = time.perf_counter() - t0
             if self.on_compile is not None:
-                self.on_compile(f"compiled for batch {key[0]} in {self.compile_s[key]:.0f} s")
+                how = self.decode_how.get(key, EAGER)
+                self.on_compile(f"batch {key[0]} ready in {self.compile_s[key]:.0f} s (decode: {how})")
         self.batch_size = key[0]
         return out
 
