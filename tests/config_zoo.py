@@ -63,7 +63,17 @@ def build_config(model_type: str, small: bool = True):
         d = _shrink(copy.deepcopy(config.to_dict()), SMALL_LAYERS)
         d.pop("model_type", None)
         d.pop("transformers_version", None)
-        return AutoConfig.for_model(model_type, **d)
+        return _pad_inside_vocab(AutoConfig.for_model(model_type, **d))
+
+
+def _pad_inside_vocab(config):
+    """Some defaults of transformers 5.17 put the pad id past the vocabulary (Idefics3's text
+    config: an embedding that cannot be built); 5.24's do not. Such a pad id is dropped."""
+    for sub in [config] + [getattr(config, k, None) for k in (getattr(config, "sub_configs", None) or {})]:
+        pad, vocab = getattr(sub, "pad_token_id", None), getattr(sub, "vocab_size", None)
+        if isinstance(pad, int) and isinstance(vocab, int) and pad >= vocab:
+            sub.pad_token_id = None
+    return config
 
 
 def _with_vision(config):
