@@ -75,8 +75,9 @@ def bench(model=None, strategies=("single", "replicate"), batch_sizes=None, gpus
     ``batch_sizes``: None (or "auto" among them): the planner's batch, the largest that fits with
     headroom (8 on the CPU), evened out over the images so the last batch is not mostly padding.
 
-    Rows say which generation path ran (``generation``: "static+graphs" or "eager", and why) and
-    the compile cost (``compile_s``: the first call of each shape); with ``random_weights`` and one
+    Rows say which generation path ran (``generation``: "static+graphs" or "eager", and why), how
+    each shape decodes (``decode``), the cost of each shape's first call (``compile_s``, of which
+    ``capture_s`` captured the decode graph), ``fallbacks`` and ``fused_norms``; with ``random_weights`` and one
     replica in this process, also the achieved prefill TFLOP/s and decode GB/s and their share of
     the card's peak (``vlmlab.observe.roofline``). ``image_size`` (width, height): the image the
     plan and the random-weight inputs assume (the planner's photo-sized default otherwise)."""
