@@ -57,3 +57,19 @@ def test_a_loaded_model_on_the_cpu_keeps_its_own_norms():
         assert lm.model.__dict__.get("_vlmlab_fused_norms") == []
     finally:
         vlmlab.unload(lm)
+
+
+def test_a_norm_that_takes_more_than_the_hidden_states_is_left_alone():
+    import torch
+
+    class ResidualRMSNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+            self.eps = 1e-6
+
+        def forward(self, hidden_states, residual=None):
+            hidden_states = hidden_states if residual is None else hidden_states + residual
+            return torch.nn.functional.rms_norm(hidden_states, (64,), self.weight, self.eps)
+
+    assert fn.fuse_rms_norms(torch.nn.Sequential(ResidualRMSNorm()), device_types=("cpu",)) == []
