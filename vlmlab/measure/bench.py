@@ -152,6 +152,7 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, is
         mode, reason, fast = generation_for(lm)
         if fast is not None:
             fast.on_compile = note
+            fast.expected_steps = (len(payloads) + 1) * max_new_tokens  # the warm-up batch, then the timed ones
         _reset_peaks(lm.devices)
         try:
             rows, stats = workers.run_in_process(lm, payloads, job, kwargs)

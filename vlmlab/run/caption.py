@@ -145,9 +145,10 @@ def _run_local(target, todo, prompt, max_new_tokens, batch_size, sink, state, pr
             if i + 1 < len(chunks):
                 pending = pool.submit(ahead, chunks[i + 1])
             if note is not None and target.lm is not None:  # compiling a shape shows in the progress bar
-                from vlmlab.run.fast_generate import watch_compiles
+                from vlmlab.run.fast_generate import expect_steps, watch_compiles
 
                 watch_compiles(target.lm, note)
+                expect_steps(target.lm, len(chunks) * max_new_tokens)
                 note = None
             if profile and prof is None and target.lm is not None:
                 from vlmlab.observe.profiler import Profiler

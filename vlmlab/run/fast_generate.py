@@ -116,6 +116,9 @@ def cache_keyword(forward) -> str:
 EAGER_KERNELS_S_PER_LAYER = 65e-6
 #: compile the decode step where the eager kernels would add more than this share to the step
 COMPILE_ABOVE = 0.25
+#: seconds a compiled decode step costs once (first call of llava-1.5-7b at batch 1 on an H200:
+#: 27.6-31.3 s, the capture and a prefill included); a run shorter than its payback is not compiled
+COMPILE_S_ESTIMATE = 30.0
 #: share of the datasheet memory bandwidth a decode step reaches
 ACHIEVED_BANDWIDTH = 0.8
 PREFILLS = ("blocks", "decoder", "eager")
@@ -130,17 +133,22 @@ COMPILE_MODE = "default"
 DEFAULT_PREFILL, DEFAULT_DECODE = "eager", "auto"
 
 
-def decode_plan(weight_bytes: float, cache_bytes: float, layers: int, bandwidth_gbs: float | None) -> tuple[str, str]:
+def decode_plan(weight_bytes: float, cache_bytes: float, layers: int, bandwidth_gbs: float | None,
+                steps: int | None = None) -> tuple[str, str]:
     """``(how, why)`` a decode step runs on a GPU: always replayed as a CUDA graph (captured in a few
     steps' time, so the host never bounds it); ``"compiled"`` where the eager forward's small kernels
     would add more than ``COMPILE_ABOVE`` to the step's memory traffic (small batches: tens of
-    seconds of compile fuse them), else ``"graphs"`` (the eager forward's kernels, nothing compiled).
-    A step reads every weight once and the static cache whole."""
+    seconds of compile fuse them) and, when the run's decode ``steps`` are known, the time they
+    save pays ``COMPILE_S_ESTIMATE`` back; else ``"graphs"`` (the eager forward's kernels, nothing
+    compiled). A step reads every weight once and the static cache whole."""
     if not bandwidth_gbs:
         return GRAPHS, "unknown memory bandwidth: the eager decode step replayed as a CUDA graph"
     traffic_s = (weight_bytes + cache_bytes) / (ACHIEVED_BANDWIDTH * bandwidth_gbs * 1e9)
     kernels_s = layers * EAGER_KERNELS_S_PER_LAYER
     numbers = f"~{1e3 * traffic_s:.1f} ms of memory traffic, ~{1e3 * kernels_s:.1f} ms of small kernels per step"
+    if kernels_s > COMPILE_ABOVE * traffic_s and steps is not None and steps * kernels_s < COMPILE_S_ESTIMATE:
+        return GRAPHS, (f"eager decode step replayed as a CUDA graph: compiling would not pay back over this "
+                        f"run's ~{steps} steps ({numbers})")
     if kernels_s > COMPILE_ABOVE * traffic_s:
         return COMPILED, f"decode step compiled, replayed as a CUDA graph: its small kernels would weigh ({numbers})"
     return GRAPHS, f"eager decode step replayed as a CUDA graph, nothing compiled: memory traffic bounds it ({numbers})"
@@ -166,6 +174,7 @@ class FastGenerator:
         self.decode_choice: dict[tuple[int, int], str] = {}  # (batch, cache length) -> how it decodes, and why
         self.decode_how: dict[tuple[int, int], str] = {}  # (batch, cache length) -> "compiled", "graphs" or "eager"
         self.capture_s: dict[tuple[int, int], float] = {}  # (batch, cache length) -> warm-up and capture seconds
+        self.expected_steps: int | None = None  # decode steps the run will take, where the caller knows them
         self.batch_size: int | None = None  # the batch of the last call that succeeded: pad smaller ones to it
         self.blocks: list[str] = []  # the compiled blocks of one layer ("mlp", "input_layernorm" ...)
         self.fallbacks: list[str] = []  # compiles that failed, and what runs instead
@@ -292,7 +301,7 @@ class FastGenerator:
             elif self.model.device.type != "cuda":
                 how, why = EAGER, "decode steps eager: CUDA graphs need a GPU"
             else:
-                how, why = decode_plan(*self._step_bytes(cache), self._layers(), self._bandwidth())
+                how, why = decode_plan(*self._step_bytes(cache), self._layers(), self._bandwidth(), self.expected_steps)
             self.decode_how[key], self.decode_choice[key] = how, why
         return self.decode_how[key]
 
@@ -406,3 +415,13 @@ def watch_compiles(loaded_model, note) -> None:
     _, _, generator = generation_for(loaded_model)
     if generator is not None:
         generator.on_compile = note
+
+
+def expect_steps(loaded_model, steps: int) -> None:
+    """Tell the loaded model's fast path how many decode steps the run ahead takes (batches times
+    new tokens), so that it compiles a decode step only where that pays back. Nothing happens on
+    the eager path."""
+    _, _, generator = generation_for(loaded_model)
+    if generator is not None:
+        generator.expected_steps = max(int(steps), 1)
+
