@@ -12,7 +12,8 @@ that never waits.
   forward (``vlmlab.run.graphed_step``: a few steps' time, nothing compiled), so the host's
   Python (~0.9 ms a layer) never bounds it; where the eager forward's small kernels would still
   weigh next to the step's memory traffic (small batches), the forward is compiled first
-  (``decode_plan``; tens of seconds once per shape). A step that cannot be captured (inputs that
+  (``decode_plan``; tens of seconds once per shape), if the run is long enough to pay that back
+  (``expect_steps``: callers that know their run say how many decode steps it takes). A step that cannot be captured (inputs that
   grow with the sequence, a cache with Python-side state) runs transformers' own compiled decode
   (torch.compile's "reduce-overhead" mode) instead, and ``fallbacks`` says so;
 - prefills eager by default: the RMSNorms, a tenth of an eager prefill, already run on torch's fused
