@@ -227,7 +227,9 @@ class FastGenerator:
                             "(compiling it where chosen), once per shape...")
         t0 = time.perf_counter()
         if self._prefill_mode == "blocks" and not self.blocks:
-            self.blocks = compile_blocks(self.model) or ["(none)"]
+            self.blocks = compile_blocks(self.model)
+            if not self.blocks:
+                self._prefill_mode = "eager"  # nothing to compile: do not look again
         if self._prefill is not None:
             vars(self._decoder)["forward"] = self._prefill
         try:
@@ -268,9 +270,9 @@ class FastGenerator:
         if not isinstance(err, Exception) or is_oom(err):
             return False
         why = f"{type(err).__name__}: {str(err)[:200]}"
-        if self.blocks and self.blocks != ["(none)"]:
+        if self.blocks:
             uncompile(self.model)
-            self.blocks = ["(none)"]
+            self.blocks, self._prefill_mode = [], "eager"
             self.fallbacks.append(f"compiled blocks failed ({why}); they run eager")
             return True
         if self.decode != "eager":
