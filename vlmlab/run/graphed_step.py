@@ -110,7 +110,6 @@ class GraphedStep:
         self.graph, self._static, self._outputs = graph, static, outputs
         self.capture_s = time.perf_counter() - t0
 
-
     def _warm_up(self, static: dict, counters: list, numbers: list) -> None:
         """Run the step ``WARMUP_STEPS`` times on ``static``, each time putting the cache's counters
         back, so that the real step after the capture is the next one."""
