@@ -370,14 +370,14 @@ def test_decode_is_compiled_only_where_the_run_pays_it_back():
     assert fg.decode_plan(13.5e9, 57e9, 32, 4800, steps=10**9)[0] == "graphs"  # traffic-bound: never compiled
 
 
-def test_expect_steps_reaches_the_fast_generator_and_not_the_eager_path(tiny, monkeypatch):
+def test_follow_run_reaches_the_fast_generator_and_not_the_eager_path(tiny, monkeypatch):
     ms, model = tiny
     gen = fg.FastGenerator(model, prefill="eager")
     monkeypatch.setattr(fg, "generation_for", lambda lm: ("static+graphs", "why", gen))
-    fg.expect_steps(object(), 3 * 24)
-    assert gen.expected_steps == 72
+    fg.follow_run(object(), 3 * 24, print)
+    assert gen.expected_steps == 72 and gen.on_compile is print
     monkeypatch.setattr(fg, "generation_for", lambda lm: ("eager", "why", None))
-    fg.expect_steps(object(), 10)  # nothing to tell
+    fg.follow_run(object(), 10)  # nothing to tell
 
 
 def test_fast_generator_refuses_unknown_modes(tiny):

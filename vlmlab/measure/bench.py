@@ -126,7 +126,7 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, is
     import numpy as np
 
     from vlmlab.run import workers
-    from vlmlab.run.fast_generate import generation_for
+    from vlmlab.run.fast_generate import follow_run, generation_for
 
     if random_weights:
         per_batch = [min(batch_size, n - s) for s in range(0, n, batch_size)]
@@ -150,9 +150,7 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, is
 
         lm = load(p, random_weights=random_weights, force=True)
         mode, reason, fast = generation_for(lm)
-        if fast is not None:
-            fast.on_compile = note
-            fast.expected_steps = (len(payloads) + 1) * max_new_tokens  # the warm-up batch, then the timed ones
+        follow_run(lm, (len(payloads) + 1) * max_new_tokens, note)  # the warm-up batch, then the timed ones
         _reset_peaks(lm.devices)
         try:
             rows, stats = workers.run_in_process(lm, payloads, job, kwargs)

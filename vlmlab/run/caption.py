@@ -145,10 +145,9 @@ def _run_local(target, todo, prompt, max_new_tokens, batch_size, sink, state, pr
             if i + 1 < len(chunks):
                 pending = pool.submit(ahead, chunks[i + 1])
             if note is not None and target.lm is not None:  # compiling a shape shows in the progress bar
-                from vlmlab.run.fast_generate import expect_steps, watch_compiles
+                from vlmlab.run.fast_generate import follow_run
 
-                watch_compiles(target.lm, note)
-                expect_steps(target.lm, len(chunks) * max_new_tokens)
+                follow_run(target.lm, len(chunks) * max_new_tokens, note)
                 note = None
             if profile and prof is None and target.lm is not None:
                 from vlmlab.observe.profiler import Profiler

@@ -13,9 +13,10 @@ that never waits.
   Python (~0.9 ms a layer) never bounds it; where the eager forward's small kernels would still
   weigh next to the step's memory traffic (small batches), the forward is compiled first
   (``decode_plan``; tens of seconds once per shape), if the run is long enough to pay that back
-  (``expect_steps``: callers that know their run say how many decode steps it takes). A step that cannot be captured (inputs that
-  grow with the sequence, a cache with Python-side state) runs transformers' own compiled decode
-  (torch.compile's "reduce-overhead" mode) instead, and ``fallbacks`` says so;
+  (``follow_run``: callers that know their run say how many decode steps it takes). A step that
+  cannot be captured (inputs that grow with the sequence, a cache with Python-side state) runs
+  transformers' own compiled decode (torch.compile's "reduce-overhead" mode) instead, and
+  ``fallbacks`` says so;
 - prefills eager by default: the RMSNorms, a tenth of an eager prefill, already run on torch's fused
   kernel (``vlmlab.run.fused_norms``, at load), and the compiled MLP blocks
   (``vlmlab.run.compiled_blocks``, ``prefill="blocks"``) save a further ~2 % for seconds of compile,
@@ -147,12 +148,12 @@ def decode_plan(weight_bytes: float, cache_bytes: float, layers: int, bandwidth_
     traffic_s = (weight_bytes + cache_bytes) / (ACHIEVED_BANDWIDTH * bandwidth_gbs * 1e9)
     kernels_s = layers * EAGER_KERNELS_S_PER_LAYER
     numbers = f"~{1e3 * traffic_s:.1f} ms of memory traffic, ~{1e3 * kernels_s:.1f} ms of small kernels per step"
-    if kernels_s > COMPILE_ABOVE * traffic_s and steps is not None and steps * kernels_s < COMPILE_S_ESTIMATE:
+    if kernels_s <= COMPILE_ABOVE * traffic_s:
+        return GRAPHS, f"eager decode step replayed as a CUDA graph, nothing compiled: memory traffic bounds it ({numbers})"
+    if steps is not None and steps * kernels_s < COMPILE_S_ESTIMATE:
         return GRAPHS, (f"eager decode step replayed as a CUDA graph: compiling would not pay back over this "
                         f"run's ~{steps} steps ({numbers})")
-    if kernels_s > COMPILE_ABOVE * traffic_s:
-        return COMPILED, f"decode step compiled, replayed as a CUDA graph: its small kernels would weigh ({numbers})"
-    return GRAPHS, f"eager decode step replayed as a CUDA graph, nothing compiled: memory traffic bounds it ({numbers})"
+    return COMPILED, f"decode step compiled, replayed as a CUDA graph: its small kernels would weigh ({numbers})"
 
 
 class FastGenerator:
@@ -412,19 +413,12 @@ def forget(loaded_model) -> None:
             generator.close()
 
 
-def watch_compiles(loaded_model, note) -> None:
-    """Have ``note(text)`` called when the loaded model's fast path starts and ends compiling a
-    shape (a progress bar's postfix, say). Nothing happens on the eager path."""
-    _, _, generator = generation_for(loaded_model)
-    if generator is not None:
-        generator.on_compile = note
-
-
-def expect_steps(loaded_model, steps: int) -> None:
-    """Tell the loaded model's fast path how many decode steps the run ahead takes (batches times
-    new tokens), so that it compiles a decode step only where that pays back. Nothing happens on
-    the eager path."""
+def follow_run(loaded_model, steps: int, note=None) -> None:
+    """Tell the loaded model's fast path about the run ahead: its decode steps (batches times new
+    tokens), so that it compiles a decode step only where that pays back, and ``note(text)`` to
+    call when a shape's first call starts and ends (a progress bar's postfix, say). Nothing happens
+    on the eager path."""
     _, _, generator = generation_for(loaded_model)
     if generator is not None:
         generator.expected_steps = max(int(steps), 1)
-
+        generator.on_compile = note
