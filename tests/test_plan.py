@@ -237,3 +237,13 @@ def test_to_pandas(split):
 def test_headroom(split):
     for i, room in split.headroom().items():
         assert room == pytest.approx(24 * GiB - split.predicted()[i])
+
+
+def test_predicted_at_another_batch_is_that_batch_planned():
+    """bench evens the planner's batch out over its images (240 -> 171 for 512): the prediction it
+    compares with the measured peak must be the batch that ran, not the planner's."""
+    p8 = vlmlab.plan("llava-1.5-7b", gpus="1x141GiB", strategy="single", batch_size=8, max_new_tokens=32)
+    p171 = vlmlab.plan("llava-1.5-7b", gpus="1x141GiB", strategy="single", batch_size=171, max_new_tokens=32)
+    assert p8.predicted(8) == p8.predicted()
+    assert p8.predicted(171) == pytest.approx(p171.predicted())
+    assert p8.predicted(171)[0] > 4 * p8.predicted()[0]

@@ -166,7 +166,7 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, is
             unload(lm)
     lat = [r.get("batch_latency_ms", r.get("latency_ms")) for r in rows if r.get("latency_ms") is not None]
     tokens = sum(r.get("n_tokens") or 0 for r in rows)
-    predicted = p.predicted()
+    predicted = p.predicted(batch_size)  # at the batch that ran (the planner's, evened out)
     out = {"strategy": p.strategy, "batch_size": batch_size, "replicas": len(p.replicas),
            "gpus": ",".join(str(g) for r in p.replicas for g in r.gpus), "images": len(rows),
            "seconds": stats.busy_s, "images_per_s": len(rows) / stats.busy_s if stats.busy_s else float("nan"),

@@ -5,6 +5,7 @@ edited (``move``) — an edit returns a new Plan whose ``problems`` say what the
 """
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 from dataclasses import dataclass, field
@@ -65,9 +66,19 @@ class Plan:
     def ok(self) -> bool:
         return not self.problems
 
-    def predicted(self) -> dict[int, float]:
-        """Predicted peak bytes per device index."""
-        return {i: sum(b.values()) for i, b in self.memory.items()}
+    def predicted(self, batch_size: int | None = None) -> dict[int, float]:
+        """Predicted peak bytes per device index, at the plan's batch or at ``batch_size`` (the batch a
+        run used, e.g. bench's evened-out one) on the same placement."""
+        memory = self.memory if batch_size in (None, self.batch_size) else self._memory_at(batch_size)
+        return {i: sum(b.values()) for i, b in memory.items()}
+
+    def _memory_at(self, batch_size: int) -> dict:
+        work = dataclasses.replace(self.workload, batch_size=batch_size)
+        devices = {g.index: g for g in self.hardware}
+        memory = {}
+        for r in self.replicas:
+            memory.update(check(self._spec(), r.device_map, devices, work, self.dtype)[0])
+        return memory
 
     def headroom(self) -> dict[int, float]:
         return {i: self.hardware.by_index(i).free - sum(b.values()) for i, b in self.memory.items()}
