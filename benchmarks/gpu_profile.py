@@ -49,6 +49,13 @@ def kernel_times(fn) -> dict[str, float]:
     return out
 
 
+def _context_gib() -> float:
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return ((total - free) - torch.cuda.memory_reserved()) / 2**30
+
+
 def _sync():
     import torch
 
@@ -144,9 +151,11 @@ def one_batch(lm, batch: int, args, size) -> dict:
         graphs = FastGenerator(lm.model, decode="graphs")
         row["graphs_step_ms"] = 1e3 * timed_calls(graphs)[2]
         graphs.close()
-        plan = vlmlab.plan(args.model, strategy="single", batch_size=batch, max_new_tokens=32,
+        card = f"1x{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f}GiB"  # the model holds the real one
+        plan = vlmlab.plan(args.model, gpus=card, strategy="single", batch_size=batch, max_new_tokens=32,
                            image_size=size)
         row["predicted_gib"] = max(plan.predicted().values()) / 2**30
+        row["measured_gib"] = row["peak_reserved_gib"] + _context_gib()  # as bench measures it
     print(f"\n# batch {batch}: {json.dumps(row)}")
     for label, times in (("prefill", prefill), ("decode_step", step)):
         kinds = by_kind(times)

@@ -139,9 +139,11 @@ def load(model=None, gpus=None, strategy: str = "single", dtype: str | None = No
         model_obj, processor = _pretrained(ms, dm, p.dtype, trust_remote_code, allow_pickle)
     model_obj.eval()
     from vlmlab.run.fused_norms import fuse_rms_norms
+    from vlmlab.run.gqa_decode import use_gqa_decode
     from vlmlab.run.packed_attention import use_packed_attention
 
     use_packed_attention(model_obj)  # windowed vision towers: one SDPA call per window length, not per window
+    use_gqa_decode(model_obj)  # transformers before pack_gqa: no copies of grouped KV heads per decode step
     if FUSED_NORMS:
         model_obj.__dict__["_vlmlab_fused_norms"] = fuse_rms_norms(model_obj)  # on a GPU in half precision only
     lm = LoadedModel(p.model, model_obj, processor, p, p.dtype, devices, random_weights, replica=replica)
