@@ -37,6 +37,8 @@ def main(argv=None):
     ap.add_argument("--decode", default=None, help="FastGenerator decode: auto, compiled, graphs or eager (default: vlmlab's)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode of a compiled decode step")
     ap.add_argument("--coordinate-descent", action="store_true", help="inductor's coordinate_descent_tuning (gpt-fast)")
+    ap.add_argument("--inductor", default=None,
+                    help="inductor config for the compiles, e.g. freezing=1,decompose_mem_bound_mm=1")
     ap.add_argument("--no-fused-norms", action="store_true", help="leave RMSNorm layers on transformers' own forward")
     ap.add_argument("--blas", default=None, help="torch.backends.cuda.preferred_blas_library (cublas, cublaslt)")
     ap.add_argument("--qwen-image-size", default="448x448",
@@ -62,6 +64,11 @@ def main(argv=None):
         import torch._inductor.config as inductor_config
 
         inductor_config.coordinate_descent_tuning = True
+    for item in filter(None, (args.inductor or "").split(",")):
+        import torch._inductor.config as inductor_config
+
+        key, value = item.split("=")
+        setattr(inductor_config, key, type(getattr(inductor_config, key))(int(value) if value.isdigit() else value))
     if args.blas:
         torch.backends.cuda.preferred_blas_library(args.blas)
     fast_generate.DEFAULT_PREFILL = args.prefill or fast_generate.DEFAULT_PREFILL
@@ -71,7 +78,8 @@ def main(argv=None):
                    "torch": torch.__version__, "transformers": transformers.__version__,
                    "prefill": fast_generate.DEFAULT_PREFILL, "decode": fast_generate.DEFAULT_DECODE,
                    "compile_mode": fast_generate.COMPILE_MODE, "fused_norms": loading.FUSED_NORMS,
-                   "coordinate_descent": args.coordinate_descent, "blas": args.blas},
+                   "coordinate_descent": args.coordinate_descent, "blas": args.blas,
+                   "inductor": args.inductor},
            "args": vars(args), "results": {}}
     print(f"# {out['env']}", flush=True)
 

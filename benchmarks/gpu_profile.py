@@ -77,6 +77,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--image-size", default=None, help="WxH of the images (default: the planner's)")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--gemv", action="store_true",
+                    help="also time batch-1 products with each distinct weight shape of the language model, alone "
+                         "and with the projections that share an input fused (q+k+v, gate+up)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -93,6 +96,11 @@ def main(argv=None):
                    "torch": torch.__version__, "transformers": transformers.__version__},
            "model": args.model, "fused_norms": lm.model.__dict__.get("_vlmlab_fused_norms", []), "batches": {}}
     try:
+        if args.gemv and torch.cuda.is_available():
+            out["gemv"] = gemv_table(lm.model)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(out, f, indent=1)
         for batch in (int(b) for b in args.batch.split(",")):
             out["batches"][batch] = one_batch(lm, batch, args, size)
             if args.json:
@@ -101,6 +109,60 @@ def main(argv=None):
     finally:
         vlmlab.unload(lm)
     return out
+
+
+def gemv_table(model, repeats: int = 50) -> list[dict]:
+    """GB/s of ``F.linear`` at one row for each weight shape of the language model's decoder layers
+    and the head, and for the fused shapes, each product replayed from a CUDA graph (no launches
+    in the time), with cuBLAS and with cuBLASLt."""
+    import torch
+    from torch.nn.functional import linear
+
+    layer = model.get_decoder().layers[0]
+    shapes = {}
+    for name, module in layer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            shapes.setdefault(tuple(module.weight.shape), []).append(name.split(".")[-1])
+    head = model.get_output_embeddings()
+    shapes[tuple(head.weight.shape)] = ["head"]
+    attn = [shapes_of(layer, n) for n in ("q_proj", "k_proj", "v_proj")]
+    mlp = [shapes_of(layer, n) for n in ("gate_proj", "up_proj")]
+    for parts, label in ((attn, "q+k+v"), (mlp, "gate+up")):
+        if all(parts):
+            shapes[(sum(p[0] for p in parts), parts[0][1])] = [label]
+    rows = []
+    dtype, device = model.dtype, model.device
+    for lib in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(lib)
+        for (n, k), names in shapes.items():
+            w = torch.randn(n, k, dtype=dtype, device=device)
+            x = torch.randn(1, k, dtype=dtype, device=device)
+            linear(x, w)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(repeats):
+                    linear(x, w)
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            us = 1e3 * start.elapsed_time(end) / repeats
+            rows.append({"blas": lib, "shape": [n, k], "names": names, "us": us,
+                         "gbs": w.numel() * w.element_size() / us / 1e3})
+            print(f"gemv {lib:9s} {n:6d} x {k:5d} {'+'.join(names):24s} {us:7.1f} us  {rows[-1]['gbs']:6.0f} GB/s")
+            del graph, w, x
+    torch.backends.cuda.preferred_blas_library("cublas")
+    return rows
+
+
+def shapes_of(layer, name):
+    for full, module in layer.named_modules():
+        if full.split(".")[-1] == name and hasattr(module, "weight"):
+            return tuple(module.weight.shape)
+    return None
 
 
 def one_batch(lm, batch: int, args, size) -> dict:
