@@ -49,6 +49,28 @@ def kernel_times(fn) -> dict[str, float]:
     return out
 
 
+def _vision_peak(model, inputs) -> float | None:
+    """GiB the image features of ``inputs`` take at their peak beyond what was allocated before
+    (the vision tower and projector alone), or None where the model has no ``get_image_features``."""
+    import inspect
+
+    import torch
+
+    features = getattr(model, "get_image_features", None)
+    if features is None:
+        return None
+    takes = inspect.signature(features).parameters
+    kwargs = {k: v for k, v in inputs.items() if k in takes}
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        out = features(**kwargs)
+    torch.cuda.synchronize()
+    del out
+    return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
 def _context_gib() -> float:
     import torch
 
@@ -210,6 +232,7 @@ def one_batch(lm, batch: int, args, size) -> dict:
     step = {k: (both.get(k, 0.0) - prefill.get(k, 0.0)) / args.steps for k in both}
     eager.close()
     if gpu:
+        row["vision_peak_gib"] = _vision_peak(lm.model, inputs)
         graphs = FastGenerator(lm.model, decode="graphs")
         row["graphs_step_ms"] = 1e3 * timed_calls(graphs)[2]
         graphs.close()
