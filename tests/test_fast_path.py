@@ -411,3 +411,25 @@ def test_a_failing_compile_falls_back_to_eager_blocks_and_says_why(tiny, monkeyp
         monkeypatch.setattr(model, "generate", lambda **k: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
         gen.generate(tiny_inputs(ms, 3), **kw)
 
+
+
+@pytest.mark.parametrize("freeze,room,mode", [(True, True, "default"), (True, False, "default"), (False, True, "default"),
+                                              (True, True, "max-autotune-no-cudagraphs")])
+def test_a_compiled_decode_step_freezes_the_weights_where_they_fit_twice(tiny, monkeypatch, freeze, room, mode):
+    """Freezing lets inductor fuse q+k+v and gate+up into one product each; it copies the weights, so
+    only where free memory holds them; the compile mode's own options stay."""
+    import torch
+
+    ms, model = tiny
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    monkeypatch.setattr(fg, "FREEZE_WEIGHTS", freeze)
+    monkeypatch.setattr(fg, "COMPILE_MODE", mode)
+    gen = fg.FastGenerator(model, decode="compiled")
+    assert not gen._room_to_freeze()  # the CPU: never
+    monkeypatch.setattr(gen, "_room_to_freeze", lambda: room)
+    gen._compiled()
+    options = seen[-1]["options"]
+    assert options.get("freezing", False) == (freeze and room) == gen.frozen
+    assert options.get("max_autotune", False) == (mode == "max-autotune-no-cudagraphs")
+    assert "mode" not in seen[-1] and seen[-1]["dynamic"] is False

@@ -9,6 +9,7 @@ import difflib
 
 from vlmlab.hardware import fmt_bytes
 from vlmlab.model.memory import DeviceLoad, Workload
+from vlmlab.model.static_cache import keeps_static_cache
 from vlmlab.model.spec import ModelSpec, Unit
 
 OFFLOAD = ("cpu", "disk")
@@ -216,7 +217,8 @@ def per_device(spec: ModelSpec, placed: dict, devices: dict, work: Workload, dty
     out = {}
     for idx, gpu in devices.items():
         load = DeviceLoad(spec.dims, work, dtype, is_cuda=gpu.kind != "cpu",
-                          keeps_vision_states=spec.family.keeps_vision_states)
+                          keeps_vision_states=spec.family.keeps_vision_states,
+                          static_cache=keeps_static_cache(spec, dtype))
         for u in partial.get(idx, {}).values():
             load.add(u)
         if idx in partial:

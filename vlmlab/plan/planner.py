@@ -17,6 +17,7 @@ import dataclasses
 from vlmlab.plan.devicemap import DeviceMapError, check, describe
 from vlmlab.hardware import Hardware, fmt_bytes, gpus as get_gpus
 from vlmlab.model.memory import DTYPES, DeviceLoad, Workload, canonical_dtype
+from vlmlab.model.static_cache import keeps_static_cache
 from vlmlab.plan.plan import STRATEGIES, Plan, Replica
 from vlmlab.model.spec import ModelSpec, spec as get_spec
 
@@ -163,7 +164,8 @@ class _Planner:
 
     def load(self, gpu) -> DeviceLoad:
         return DeviceLoad(self.ms.dims, self.work, self.dtype, is_cuda=gpu.kind != "cpu",
-                          keeps_vision_states=self.ms.family.keeps_vision_states)
+                          keeps_vision_states=self.ms.family.keeps_vision_states,
+                          static_cache=keeps_static_cache(self.ms, self.dtype))
 
     def whole(self, gpu) -> float:
         load = self.load(gpu)
