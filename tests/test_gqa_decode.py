@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.test_graphed_step import made  # noqa: F401 - the fixture: GraphedSteps that run on the CPU
 from vlmlab.run import gqa_decode as gq
 
 
@@ -58,9 +59,10 @@ def test_installed_transformers_is_asked_not_assumed(monkeypatch):
     assert not gq.needed()
 
 
-def test_every_tiny_family_decodes_the_same_tokens_through_the_fold(tiny_vlms, one_torch_thread, monkeypatch):
+def test_every_tiny_family_decodes_the_same_tokens_through_the_fold(tiny_vlms, one_torch_thread, monkeypatch, made):
     """A static cache masks every decode step, which is where the fold runs: the tokens of each
-    family's static-cache generate are unchanged, and only its decoder's attention is switched."""
+    family's static-cache generate are unchanged, only its decoder's attention is switched, and the
+    step is still captured (the fold is SDPA under another name: its mask is built on the GPU)."""
     import torch
 
     folded = []
@@ -85,8 +87,11 @@ def test_every_tiny_family_decodes_the_same_tokens_through_the_fold(tiny_vlms, o
         with torch.inference_mode():
             before = fg.FastGenerator(model, decode="eager").generate(dict(inputs), **kw)
             changed = gq.use_gqa_decode(model, force=True)
-            after = fg.FastGenerator(model, decode="eager").generate(dict(inputs), **kw)
+            made.clear()
+            after = fg.FastGenerator(model, decode="graphs").generate(dict(inputs), **kw)
         assert torch.equal(before, after), family
+        if family in ("llava", "qwen2_5_vl"):
+            assert made and made[-1].failed is None and made[-1].replays, (family, made and made[-1].failed)
         assert all("visual" not in n and "vision" not in n for n in changed), (family, changed)
         switched += [family] if changed and any(folded) else []
     assert "llava" in switched and "qwen2_5_vl" in switched, switched

@@ -84,10 +84,12 @@ def _cache_slots(model, model_kwargs):
     every step."""
     import torch
 
+    from vlmlab.run import gqa_decode
+
     text = model.config.get_text_config()
     cache = next((model_kwargs[k] for k in ("past_key_values", "cache") if model_kwargs.get(k) is not None), None)
     mask = model_kwargs.get("attention_mask")
-    plain = (not model.config.is_encoder_decoder and getattr(text, "_attn_implementation", None) == "sdpa"
+    plain = (not model.config.is_encoder_decoder and getattr(text, "_attn_implementation", None) in ("sdpa", gqa_decode.NAME)
              and not getattr(text, "sliding_window", None) and not getattr(text, "attention_chunk_size", None)
              and all(t == "full_attention" for t in (getattr(text, "layer_types", None) or [])))
     if not plain or cache is None or not getattr(cache, "is_compileable", False) or mask is None or mask.ndim != 2:

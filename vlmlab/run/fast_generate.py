@@ -308,7 +308,8 @@ class FastGenerator:
             if FREEZE_WEIGHTS and self._room_to_freeze():
                 options["freezing"] = True
                 self.frozen = True
-            self._compiled_forward = torch.compile(self.model.__call__, dynamic=False, options=options)
+            compiled = torch.compile(self.model.__call__, dynamic=False, options=options)
+            self._compiled_forward = _frozen(compiled) if self.frozen else compiled
         return self._compiled_forward
 
     def _room_to_freeze(self) -> bool:
@@ -391,6 +392,18 @@ class FastGenerator:
         write_prefill_by_slice(cache)  # the prefill's write as a slice copy, not index_copy_
         self._cache, self._cache_key = cache, key
         return cache
+
+
+def _frozen(compiled):
+    """``compiled`` called with inductor's freezing switched on: dynamo reads the global switch while
+    it traces (to hold parameters as constants), not the compile's own options."""
+    import torch._inductor.config as inductor_config
+
+    def forward(*args, **kwargs):
+        with inductor_config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return forward
 
 
 def generation_for(loaded_model, requested: str | None = "auto") -> tuple[str, str, FastGenerator | None]:
