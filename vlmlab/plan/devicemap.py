@@ -215,10 +215,10 @@ def per_device(spec: ModelSpec, placed: dict, devices: dict, work: Workload, dty
                 if "embeddings" in u.params:
                     u.params.setdefault("head", 0)
     out = {}
+    static_cache = keeps_static_cache(spec, dtype)
     for idx, gpu in devices.items():
         load = DeviceLoad(spec.dims, work, dtype, is_cuda=gpu.kind != "cpu",
-                          keeps_vision_states=spec.family.keeps_vision_states,
-                          static_cache=keeps_static_cache(spec, dtype))
+                          keeps_vision_states=spec.family.keeps_vision_states, static_cache=static_cache)
         for u in partial.get(idx, {}).values():
             load.add(u)
         if idx in partial:

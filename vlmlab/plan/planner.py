@@ -161,11 +161,11 @@ class _Planner:
         self.ms, self.hw, self.work, self.dtype = ms, hw, work, dtype
         self.devices = list(hw)
         self.warnings: list[str] = []
+        self.static_cache = keeps_static_cache(ms, dtype)  # asked once: load() runs in the batch search
 
     def load(self, gpu) -> DeviceLoad:
         return DeviceLoad(self.ms.dims, self.work, self.dtype, is_cuda=gpu.kind != "cpu",
-                          keeps_vision_states=self.ms.family.keeps_vision_states,
-                          static_cache=keeps_static_cache(self.ms, self.dtype))
+                          keeps_vision_states=self.ms.family.keeps_vision_states, static_cache=self.static_cache)
 
     def whole(self, gpu) -> float:
         load = self.load(gpu)
