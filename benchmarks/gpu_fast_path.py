@@ -40,6 +40,7 @@ def main(argv=None):
     ap.add_argument("--inductor", default=None,
                     help="inductor config for the compiles, e.g. freezing=1,decompose_mem_bound_mm=1")
     ap.add_argument("--no-fused-norms", action="store_true", help="leave RMSNorm layers on transformers' own forward")
+    ap.add_argument("--no-fast-rotary", action="store_true", help="leave the rotary embedding on transformers' own")
     ap.add_argument("--blas", default=None, help="torch.backends.cuda.preferred_blas_library (cublas, cublaslt)")
     ap.add_argument("--qwen-image-size", default="448x448",
                     help="WxH of the qwen part's images: 448x448 is the 256 image tokens of issue 12's 17.9 images/s")
@@ -60,6 +61,7 @@ def main(argv=None):
 
     fast_generate.COMPILE_MODE = args.compile_mode or fast_generate.COMPILE_MODE
     loading.FUSED_NORMS = not args.no_fused_norms
+    loading.FAST_ROTARY = not args.no_fast_rotary
     if args.coordinate_descent:
         import torch._inductor.config as inductor_config
 
@@ -78,6 +80,7 @@ def main(argv=None):
                    "torch": torch.__version__, "transformers": transformers.__version__,
                    "prefill": fast_generate.DEFAULT_PREFILL, "decode": fast_generate.DEFAULT_DECODE,
                    "compile_mode": fast_generate.COMPILE_MODE, "fused_norms": loading.FUSED_NORMS,
+                   "fast_rotary": loading.FAST_ROTARY,
                    "coordinate_descent": args.coordinate_descent, "blas": args.blas,
                    "inductor": args.inductor},
            "args": vars(args), "results": {}}

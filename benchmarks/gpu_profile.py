@@ -116,7 +116,8 @@ def main(argv=None):
     out = {"env": {"date": datetime.date.today().isoformat(),
                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                    "torch": torch.__version__, "transformers": transformers.__version__},
-           "model": args.model, "fused_norms": lm.model.__dict__.get("_vlmlab_fused_norms", []), "batches": {}}
+           "model": args.model, "fused_norms": lm.model.__dict__.get("_vlmlab_fused_norms", []),
+           "fast_rotary": lm.model.__dict__.get("_vlmlab_fast_rotary", []), "batches": {}}
     try:
         if args.gemv and torch.cuda.is_available():
             out["gemv"] = gemv_table(lm.model)

@@ -77,7 +77,7 @@ def bench(model=None, strategies=("single", "replicate"), batch_sizes=None, gpus
 
     Rows say which generation path ran (``generation``: "static+graphs" or "eager", and why), how
     each shape decodes (``decode``), the cost of each shape's first call (``compile_s``, of which
-    ``capture_s`` captured the decode graph), ``fallbacks`` and ``fused_norms``; with ``random_weights`` and one
+    ``capture_s`` captured the decode graph), ``fallbacks``, ``fused_norms`` and ``fast_rotary``; with ``random_weights`` and one
     replica in this process, also the achieved prefill TFLOP/s and decode GB/s and their share of
     the card's peak (``vlmlab.observe.roofline``). ``image_size`` (width, height): the image the
     plan and the random-weight inputs assume (the planner's photo-sized default otherwise)."""
@@ -159,7 +159,8 @@ def _run_one(p, items, n, batch_size, max_new_tokens, random_weights, prompt, is
             if fast is not None:
                 extra.update(decode=sorted(set(fast.decode_choice.values())), compiled_blocks=fast.blocks,
                              capture_s=sum(fast.capture_s.values()), fallbacks=fast.fallbacks,
-                             fused_norms=lm.model.__dict__.get("_vlmlab_fused_norms", []))
+                             fused_norms=lm.model.__dict__.get("_vlmlab_fused_norms", []),
+                             fast_rotary=lm.model.__dict__.get("_vlmlab_fast_rotary", []))
             if random_weights and rows and stats.busy_s:
                 extra.update(_rates(lm, p, batch_size, max_new_tokens, rows, mode))
         finally:

@@ -19,6 +19,8 @@ from vlmlab.plan.plan import Plan
 _REGISTRY: list["LoadedModel"] = []
 #: RMSNorm layers on torch's fused kernel at load (``vlmlab.run.fused_norms``); benchmarks compare without
 FUSED_NORMS = True
+#: the rotary embedding in three kernels at load (``vlmlab.run.fast_rotary``); benchmarks compare without
+FAST_ROTARY = True
 
 
 class AlreadyLoadedError(RuntimeError):
@@ -138,6 +140,7 @@ def load(model=None, gpus=None, strategy: str = "single", dtype: str | None = No
     else:
         model_obj, processor = _pretrained(ms, dm, p.dtype, trust_remote_code, allow_pickle)
     model_obj.eval()
+    from vlmlab.run.fast_rotary import use_fast_rotary
     from vlmlab.run.fused_norms import fuse_rms_norms
     from vlmlab.run.gqa_decode import use_gqa_decode
     from vlmlab.run.packed_attention import use_packed_attention
@@ -146,6 +149,8 @@ def load(model=None, gpus=None, strategy: str = "single", dtype: str | None = No
     use_gqa_decode(model_obj)  # transformers before pack_gqa: no copies of grouped KV heads per decode step
     if FUSED_NORMS:
         model_obj.__dict__["_vlmlab_fused_norms"] = fuse_rms_norms(model_obj)  # on a GPU in half precision only
+    if FAST_ROTARY:
+        model_obj.__dict__["_vlmlab_fast_rotary"] = use_fast_rotary(model_obj)  # likewise
     lm = LoadedModel(p.model, model_obj, processor, p, p.dtype, devices, random_weights, replica=replica)
     _REGISTRY.append(lm)
     return lm
