@@ -66,6 +66,18 @@ def test_13_vlm_does_not_expand_braces_or_dollars_in_its_arguments(ip):
         ip.run_line_magic("vlm", "gpus $box")
 
 
+@pytest.mark.parametrize("sub", ["caption", "profile --images", "bench --images"])
+def test_13_an_expression_among_image_paths_is_refused_before_anything_runs(ip, monkeypatch, sub):
+    """``{SAMPLES_DIR / "a.png"}`` splits into ``{SAMPLES_DIR``, ``/`` and ``a.png}``: the ``/`` alone
+    would have the whole filesystem scanned (the quickstart notebook did so until this test)."""
+    for api in ("caption", "profile", "bench"):
+        monkeypatch.setattr(vlmlab, api, lambda *a, **k: pytest.fail("ran with an unexpanded expression"))
+    with pytest.raises(UsageError, match=r"'\{SAMPLES_DIR' looks like part of a Python expression"):
+        ip.run_line_magic("vlm", sub + ' {SAMPLES_DIR / "sample_03.png"}')
+    with pytest.raises(UsageError, match=r"'\$photos' looks like"):
+        ip.run_line_magic("vlm", sub + " $photos")
+
+
 # ---- 10. CLI: bad input exits 2 before loading; odd paths are error rows ---------------------------
 
 def test_10_cli_missing_input_folder_is_bad_input_before_loading(tmp_path, capsys):

@@ -417,7 +417,8 @@ def test_a_failing_compile_falls_back_to_eager_blocks_and_says_why(tiny, monkeyp
                                               (True, True, "max-autotune-no-cudagraphs")])
 def test_a_compiled_decode_step_freezes_the_weights_where_they_fit_twice(tiny, monkeypatch, freeze, room, mode):
     """Freezing lets inductor fuse q+k+v and gate+up into one product each; it copies the weights, so
-    only where free memory holds them; the compile mode's own options stay."""
+    only where free memory holds them, and not in an autotuning mode (frozen and autotuned was slower
+    on the GPU); the compile mode's own options stay."""
     import torch
 
     ms, model = tiny
@@ -430,9 +431,23 @@ def test_a_compiled_decode_step_freezes_the_weights_where_they_fit_twice(tiny, m
     monkeypatch.setattr(gen, "_room_to_freeze", lambda: room)
     gen._compiled()
     options = seen[-1]["options"]
-    assert options.get("freezing", False) == (freeze and room) == gen.frozen
+    autotuned = mode != "default"
+    assert options.get("freezing", False) == (freeze and room and not autotuned) == gen.frozen
     assert options.get("max_autotune", False) == (mode == "max-autotune-no-cudagraphs")
     assert "mode" not in seen[-1] and seen[-1]["dynamic"] is False
+
+
+def test_inductors_global_autotuning_switches_freezing_off(tiny, monkeypatch):
+    import torch
+    import torch._inductor.config as inductor_config
+
+    ms, model = tiny
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", True)
+    gen = fg.FastGenerator(model, decode="compiled")
+    monkeypatch.setattr(gen, "_room_to_freeze", lambda: True)
+    gen._compiled()
+    assert not gen.frozen
 
 
 def test_a_frozen_step_is_traced_under_inductors_global_freezing_switch(tiny, monkeypatch):

@@ -385,11 +385,13 @@ class VlmMagic(Magics):
         if not images:
             raise UsageError("%vlm caption: which images? Give files or folders (or, in %%vlm caption, "
                              "one path per line in the cell body)")
+        _paths_as_typed("caption", images)
         return vlmlab.caption(images[0] if len(images) == 1 else images, **args)
 
     def _profile(self, args, cell):
         import vlmlab
 
+        _paths_as_typed("profile", args.get("images") or [])
         if "images" in args and len(args["images"]) == 1:
             args["images"] = args["images"][0]
         return vlmlab.profile(**args)
@@ -397,6 +399,7 @@ class VlmMagic(Magics):
     def _bench(self, args, cell):
         import vlmlab
 
+        _paths_as_typed("bench", args.get("images") or [])
         if "images" in args and len(args["images"]) == 1:
             args["images"] = args["images"][0]
         return vlmlab.bench(**args)
@@ -405,6 +408,20 @@ class VlmMagic(Magics):
         import vlmlab
 
         return vlmlab.dashboard(poll_interval=self.poll_interval, **args)
+
+
+def _paths_as_typed(sub, images):
+    """Refuse image arguments that look like an unexpanded Python expression: ``{SAMPLES_DIR / "a.png"}``
+    splits into ``{SAMPLES_DIR``, ``/`` and ``a.png}``, and ``/`` alone would scan the whole filesystem."""
+    import os
+
+    for token in images:
+        token = str(token)
+        if token.startswith(("{", "$")) or token.endswith("}"):
+            if not os.path.exists(token):
+                raise UsageError(f"%vlm {sub}: {token!r} looks like part of a Python expression, and %vlm takes its "
+                                 "arguments as typed ({braces} and $names are not evaluated). Give the path itself, "
+                                 f"or call vlmlab.{sub}(...) from Python with the expression.")
 
 
 def _body_device_map(args, cell):
