@@ -18,7 +18,8 @@ that never waits.
   transformers' own compiled decode (torch.compile's "reduce-overhead" mode) instead, and
   ``fallbacks`` says so;
 - prefills eager by default: the RMSNorms, a tenth of an eager prefill, already run on torch's fused
-  kernel (``vlmlab.run.fused_norms``, at load), and the compiled MLP blocks
+  kernel (``vlmlab.run.fused_norms``, at load), the rotary embedding, another tenth, in three kernels
+  (``vlmlab.run.fast_rotary``, at load), and the compiled MLP blocks
   (``vlmlab.run.compiled_blocks``, ``prefill="blocks"``) save a further ~2 % for seconds of compile,
   which only runs of thousands of images pay back;
 - the cache length is rounded up to ``CACHE_BUCKET`` tokens and callers pad a last, smaller
