@@ -36,7 +36,7 @@ def use_fast_rotary(model, device_types=("cuda",)) -> list[str]:
     done, seen = [], set()
     for module in model.modules():
         name = type(module).__module__
-        weight = next(module.parameters(recurse=False), None)
+        weight = next(module.parameters(), None)  # an attention layer holds its weights in child Linears
         if name in seen or not name.startswith("transformers.models.") or weight is None:
             continue
         if weight.device.type not in device_types or weight.dtype not in (torch.float16, torch.bfloat16):
