@@ -114,12 +114,8 @@ REDUCE_OVERHEAD = "reduce-overhead"
 DECODES = ("auto", COMPILED, GRAPHS, REDUCE_OVERHEAD, EAGER)
 #: torch.compile mode of a "compiled" decode step (CUDA graphs are the GraphedStep's own)
 COMPILE_MODE = "default"
-#: a compiled decode step on a GPU holds the weights as constants (inductor's freezing), so that the
-#: products that share an input (q, k, v; gate, up) run as one, larger product: batch-1 llava-1.5-7b on
-#: an H200 decoded 220 tokens/s frozen against 192 (benchmarks/results/gpu_fast_path.txt). The
-#: concatenated weights are a second copy of most of the decoder's, so only where free memory holds them,
-#: and not with inductor's autotuning: frozen and autotuned, the same step decoded 97 tokens/s
-#: (max-autotune-no-cudagraphs; 227 unfrozen) and 128 (coordinate-descent tuning)
+#: a compiled decode step on a GPU holds the weights as constants (``vlmlab.run.freezing``), where
+#: free memory holds a second copy of them and inductor does not autotune
 FREEZE_WEIGHTS = True
 #: what ``generation_for`` builds (benchmarks set these to compare the variants)
 DEFAULT_PREFILL, DEFAULT_DECODE = "eager", "auto"
@@ -306,13 +302,15 @@ class FastGenerator:
         import torch
         from torch._inductor import list_mode_options
 
+        from vlmlab.run.freezing import autotunes, frozen
+
         if self._compiled_forward is None:  # CUDA graphs are the GraphedStep's: inductor only fuses
             options = dict(list_mode_options(COMPILE_MODE))
-            if FREEZE_WEIGHTS and not _autotunes(options) and self._room_to_freeze():
+            if FREEZE_WEIGHTS and not autotunes(options) and self._room_to_freeze():
                 options["freezing"] = True
                 self.frozen = True
             compiled = torch.compile(self.model.__call__, dynamic=False, options=options)
-            self._compiled_forward = _frozen(compiled) if self.frozen else compiled
+            self._compiled_forward = frozen(compiled) if self.frozen else compiled
         return self._compiled_forward
 
     def _room_to_freeze(self) -> bool:
@@ -395,26 +393,6 @@ class FastGenerator:
         write_prefill_by_slice(cache)  # the prefill's write as a slice copy, not index_copy_
         self._cache, self._cache_key = cache, key
         return cache
-
-
-def _autotunes(options) -> bool:
-    """Whether inductor will autotune its kernels: through the compile mode's options or its global config."""
-    import torch._inductor.config as inductor_config
-
-    keys = ("max_autotune", "max_autotune_gemm", "coordinate_descent_tuning")
-    return any(options.get(k) or getattr(inductor_config, k, False) for k in keys)
-
-
-def _frozen(compiled):
-    """``compiled`` called with inductor's freezing switched on: dynamo reads the global switch while
-    it traces (to hold parameters as constants), not the compile's own options."""
-    import torch._inductor.config as inductor_config
-
-    def forward(*args, **kwargs):
-        with inductor_config.patch(freezing=True):
-            return compiled(*args, **kwargs)
-
-    return forward
 
 
 def generation_for(loaded_model, requested: str | None = "auto") -> tuple[str, str, FastGenerator | None]:

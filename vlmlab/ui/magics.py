@@ -22,7 +22,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from traitlets import Float, Int, Unicode
 
-from vlmlab.ui.argtypes import image_size, positive_int
+from vlmlab.ui.argtypes import image_size, path_as_typed, positive_int
 
 STRATEGIES = ("auto", "single", "split", "replicate", "hybrid")  # validated again by the API
 
@@ -181,7 +181,8 @@ def _loaded_parser(p):
 
 
 def _caption_parser(p):
-    p.add_argument("images", nargs="*", help="image files and/or folders (or one per line in a %%vlm body)")
+    p.add_argument("images", nargs="*", type=path_as_typed,
+                   help="image files and/or folders (or one per line in a %%vlm body)")
     p.add_argument("--model")
     p.add_argument("--prompt")
     p.add_argument("--prompt-from-body", action="store_true", help="%%vlm: the cell body is the prompt")
@@ -195,7 +196,7 @@ def _caption_parser(p):
 
 def _profile_parser(p):
     _model(p)
-    p.add_argument("--images", nargs="+", help="image files/folders (default: the API's)")
+    p.add_argument("--images", nargs="+", type=path_as_typed, help="image files/folders (default: the API's)")
     p.add_argument("--prompt")
     _hardware(p)
     _placement(p)
@@ -208,7 +209,7 @@ def _bench_parser(p):
     p.add_argument("--strategies", type=str_list, help="comma-separated, e.g. single,split,replicate")
     p.add_argument("--batch-sizes", type=int_list, help="comma-separated, e.g. 1,8,16")
     _hardware(p)
-    p.add_argument("--images", nargs="+", help="image files/folders (default: the bundled samples)")
+    p.add_argument("--images", nargs="+", type=path_as_typed, help="image files/folders (default: the bundled samples)")
     p.add_argument("--n-images", type=positive_int, metavar="N", help="with --random-weights: synthetic images")
     p.add_argument("--prompt")
     p.add_argument("--dtype", metavar="DTYPE")
@@ -385,13 +386,11 @@ class VlmMagic(Magics):
         if not images:
             raise UsageError("%vlm caption: which images? Give files or folders (or, in %%vlm caption, "
                              "one path per line in the cell body)")
-        _paths_as_typed("caption", images)
         return vlmlab.caption(images[0] if len(images) == 1 else images, **args)
 
     def _profile(self, args, cell):
         import vlmlab
 
-        _paths_as_typed("profile", args.get("images") or [])
         if "images" in args and len(args["images"]) == 1:
             args["images"] = args["images"][0]
         return vlmlab.profile(**args)
@@ -399,7 +398,6 @@ class VlmMagic(Magics):
     def _bench(self, args, cell):
         import vlmlab
 
-        _paths_as_typed("bench", args.get("images") or [])
         if "images" in args and len(args["images"]) == 1:
             args["images"] = args["images"][0]
         return vlmlab.bench(**args)
@@ -408,20 +406,6 @@ class VlmMagic(Magics):
         import vlmlab
 
         return vlmlab.dashboard(poll_interval=self.poll_interval, **args)
-
-
-def _paths_as_typed(sub, images):
-    """Refuse image arguments that look like an unexpanded Python expression: ``{SAMPLES_DIR / "a.png"}``
-    splits into ``{SAMPLES_DIR``, ``/`` and ``a.png}``, and ``/`` alone would scan the whole filesystem."""
-    import os
-
-    for token in images:
-        token = str(token)
-        if token.startswith(("{", "$")) or token.endswith("}"):
-            if not os.path.exists(token):
-                raise UsageError(f"%vlm {sub}: {token!r} looks like part of a Python expression, and %vlm takes its "
-                                 "arguments as typed ({braces} and $names are not evaluated). Give the path itself, "
-                                 f"or call vlmlab.{sub}(...) from Python with the expression.")
 
 
 def _body_device_map(args, cell):
