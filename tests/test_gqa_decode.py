@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_graphed_step import made  # noqa: F401 - the fixture: GraphedSteps that run on the CPU
 from vlmlab.run import gqa_decode as gq
 
 

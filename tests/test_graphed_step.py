@@ -4,32 +4,10 @@ CUDA graphs need a GPU, so the capture itself is checked by benchmarks/gpu_smoke
 the refusal off a GPU (the step still runs), and everything around the capture, with a stand-in
 for the recording that keeps the real warm-up, counters and copy-in: the warm-up steps leave the
 static cache as they found it, replays see each step's inputs, and the tokens equal generate's."""
-import pytest
 
 from vlmlab.run import fast_generate as fg
 from vlmlab.run import graphed_step as gs
-from tests.conftest import tiny_inputs
-
-
-class _Replay:
-    """The recording's stand-in: a replay runs the forward on the static inputs."""
-
-    def __init__(self, step, static):
-        self.step, self.static = step, static
-
-    def replay(self):
-        self.step._outputs = self.step.forward(**self.static, return_dict=True)
-
-
-class CpuGraphedStep(gs.GraphedStep):
-    """GraphedStep with the CUDA recording swapped for _Replay; warm-up and copy-in are its own."""
-
-    def _capture(self, inputs):
-        import torch
-
-        static = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in inputs.items()}
-        self._warm_up(static, gs._counters(self.cache), gs._numbers(self.cache))
-        self.graph, self._static = _Replay(self, static), static
+from tests.conftest import CpuGraphedStep, tiny_inputs
 
 
 def test_off_a_gpu_the_step_is_refused_and_still_runs():
@@ -92,20 +70,6 @@ def test_python_side_cache_state_is_not_captured():
     step = CpuGraphedStep(forward, cache, fallback=lambda **kw: "fallback")
     assert step({"x": torch.ones(1)}) == "fallback"
     assert "Python-side state" in step.failed
-
-
-@pytest.fixture
-def made(monkeypatch):
-    """The GraphedSteps that fast_generate makes, each a CpuGraphedStep."""
-    steps = []
-
-    class Recording(CpuGraphedStep):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            steps.append(self)
-
-    monkeypatch.setattr(gs, "GraphedStep", Recording)
-    return steps
 
 
 def test_warm_up_leaves_the_static_cache_as_it_was_and_tokens_equal_generate(tiny, made):
