@@ -39,6 +39,11 @@ DRIVER = """
 import json, sys
 import vlmlab
 folder, out, address, per_node = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+if sys.argv[5:] == ["slow"]:  # a run that outlasts the test's signal: warm actors caption 200 images in about a second
+    import time
+    from vlmlab.run.journal import Journal
+    append = Journal.append
+    Journal.append = lambda self, rows: (append(self, rows), time.sleep(0.3))[0]
 cluster = vlmlab.gpus("ray:" + address)
 cluster = cluster.select(indices=[g.index for devices in cluster.nodes().values() for g in devices[:per_node]])
 plan = vlmlab.plan(None, gpus=cluster, strategy="replicate", dtype="float32", batch_size=4)
@@ -135,8 +140,9 @@ def _journal_keys(path):
     return Counter(json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip().endswith("}"))
 
 
-def _driver(images, out, address, per_node=NODE_CPUS):
-    return subprocess.Popen([sys.executable, "-c", DRIVER, str(images), str(out), address, str(per_node)],
+def _driver(images, out, address, per_node=NODE_CPUS, slow=False):
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(images), str(out), address, str(per_node)]
+                            + (["slow"] if slow else []),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -195,7 +201,7 @@ def test_every_image_once_on_both_nodes(cluster, images, tmp_path):
 @needs_ray
 def test_interrupted_then_killed_driver_resumes_exactly_once(cluster, images, tmp_path):
     out = tmp_path / "captions.jsonl"  # one replica per node here: three runs of four actors would be slow
-    first = _driver(images, out, cluster.address, per_node=1)  # Ctrl-C mid-run: actors stop, batches done kept
+    first = _driver(images, out, cluster.address, per_node=1, slow=True)  # Ctrl-C mid-run: actors stop, batches done kept
     _wait_for_rows(out, 3 * BATCH, first)
     first.send_signal(signal.SIGINT)
     _, err = first.communicate(timeout=60)
@@ -204,7 +210,7 @@ def test_interrupted_then_killed_driver_resumes_exactly_once(cluster, images, tm
     assert 0 < after_interrupt < N_IMAGES
     assert _free_cpus_return(2 * NODE_CPUS)
 
-    second = _driver(images, out, cluster.address, per_node=1)  # SIGKILL mid-run: nothing runs any cleanup
+    second = _driver(images, out, cluster.address, per_node=1, slow=True)  # SIGKILL mid-run: nothing runs any cleanup
     _wait_for_rows(out, after_interrupt + 3 * BATCH, second)
     second.kill()
     second.wait(timeout=30)
