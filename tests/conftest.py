@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from vlmlab.run import graphed_step as gs
+
 
 @pytest.fixture(scope="module")
 def lm():
@@ -55,12 +57,6 @@ def tiny_inputs(ms, batch=3, seed=0):
     return caption_inputs(ms, batch, prompt_tokens=6, seed=seed)
 
 
-def _graphed_step():
-    from vlmlab.run import graphed_step
-
-    return graphed_step
-
-
 # ---- the CUDA graph's recording, stood in for on the CPU (test_graphed_step, test_gqa_decode) --------
 
 class _Replay:
@@ -73,14 +69,13 @@ class _Replay:
         self.step._outputs = self.step.forward(**self.static, return_dict=True)
 
 
-class CpuGraphedStep(_graphed_step().GraphedStep):
+class CpuGraphedStep(gs.GraphedStep):
     """GraphedStep with the CUDA recording swapped for _Replay; warm-up and copy-in are its own."""
 
     def _capture(self, inputs):
         import torch
 
         static = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in inputs.items()}
-        gs = _graphed_step()
         self._warm_up(static, gs._counters(self.cache), gs._numbers(self.cache))
         self.graph, self._static = _Replay(self, static), static
 
@@ -95,5 +90,5 @@ def made(monkeypatch):
             super().__init__(*a, **k)
             steps.append(self)
 
-    monkeypatch.setattr(_graphed_step(), "GraphedStep", Recording)
+    monkeypatch.setattr(gs, "GraphedStep", Recording)
     return steps

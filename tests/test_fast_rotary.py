@@ -94,12 +94,3 @@ def test_the_check_reads_each_family_from_its_own_function(family, same):
     assert fr._takes_plain_arguments(modeling.apply_rotary_pos_emb)
     assert fr._same_as_original(modeling.apply_rotary_pos_emb, torch.device("cpu"), torch.bfloat16) is same
 
-
-def test_a_loaded_model_on_the_cpu_keeps_its_own_rotation():
-    import vlmlab
-
-    lm = vlmlab.load(None, gpus="cpu", force=True)
-    try:
-        assert lm.model.__dict__.get("_vlmlab_fast_rotary") == []
-    finally:
-        vlmlab.unload(lm)

@@ -49,12 +49,14 @@ def test_float32_and_other_modules_are_left_alone():
     assert not any("forward" in vars(m) for m in model.modules())
 
 
-def test_a_loaded_model_on_the_cpu_keeps_its_own_norms():
+def test_a_loaded_model_on_the_cpu_keeps_its_own_norms_and_rotation():
+    """Both load-time substitutions (fused_norms, fast_rotary) are for a GPU only."""
     import vlmlab
 
     lm = vlmlab.load(None, gpus="cpu", force=True)
     try:
         assert lm.model.__dict__.get("_vlmlab_fused_norms") == []
+        assert lm.model.__dict__.get("_vlmlab_fast_rotary") == []
     finally:
         vlmlab.unload(lm)
 

@@ -104,6 +104,8 @@ def _takes_plain_arguments(fn) -> bool:
 def _same_as_original(original, device, dtype) -> bool:
     import torch
 
+    from vlmlab.run.fused_norms import close
+
     generator = torch.Generator(device=device).manual_seed(0)
     q, k = (torch.randn(2, 3, 5, 8, generator=generator, device=device, dtype=dtype) for _ in range(2))
     cos, sin = (torch.randn(2, 5, 8, generator=generator, device=device, dtype=dtype) for _ in range(2))
@@ -115,10 +117,4 @@ def _same_as_original(original, device, dtype) -> bool:
         return False
     if not (isinstance(expected, tuple) and len(expected) == 2 and all(torch.is_tensor(e) for e in expected)):
         return False
-    for e, g in zip(expected, got):
-        if e.shape != g.shape:
-            return False
-        scale = e.float().abs().max().clamp(min=1.0)
-        if ((e.float() - g.float()).abs().max() / scale) > TOLERANCE:
-            return False
-    return True
+    return all(close(e, g, TOLERANCE) for e, g in zip(expected, got))
